@@ -1,0 +1,30 @@
+"""qrecover: low-bit quantization with 16-bit salient columns, recovered by noise-injected fine-tuning.
+
+Public API:
+    QuantConfig, QRecoverError
+    quantize(model, out, config, ...)          load, calibrate, quantize, save (jobs.quantize)
+    evaluate(path, dataset, ...)               perplexity of a checkpoint or model (jobs.evaluate)
+    quantize_model(model, samples, config)     the layer-by-layer driver on an in-memory model
+    load(spec), load_checkpoint(path), save_checkpoint(model, tokenizer, out, config)
+    load_pretrained(spec), convert_gguf(file, out_dir), reference_model_dir()
+    calibration_samples(tokenizer, source, n, seqlen), eval_tokens(tokenizer, source)
+    perplexity(model, tokens, seqlen, max_windows)
+    QuantLinear
+"""
+__version__ = "0.1.0"
+
+from .config import QuantConfig
+from .data import calibration_samples, eval_tokens, load_text
+from .errors import QRecoverError
+from .eval.perplexity import perplexity
+from .io import load, load_checkpoint, save_checkpoint
+from .jobs import evaluate, quantize
+from .models import convert_gguf, load_pretrained, reference_model_dir
+from .nn import QuantLinear
+from .pipeline import quantize_model
+
+__all__ = [
+    "QuantConfig", "QRecoverError", "QuantLinear", "quantize", "evaluate", "quantize_model", "load",
+    "load_checkpoint", "save_checkpoint", "load_pretrained", "convert_gguf", "reference_model_dir",
+    "calibration_samples", "eval_tokens", "load_text", "perplexity",
+]

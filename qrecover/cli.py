@@ -1,0 +1,140 @@
+"""`qrecover` command line: a thin layer over qrecover.jobs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .config import METHODS, VALID_BITS, QuantConfig
+from .errors import QRecoverError
+from .jobs import DTYPES
+from .saliency import METRICS
+
+
+def _override(text: str):
+    """PATTERN=key:value[,key:value] -> (pattern, {key: value})."""
+    pattern, sep, rest = text.partition("=")
+    if not sep or not rest:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PATTERN=key:value[,key:value]")
+    values = {}
+    for item in rest.split(","):
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not key:value")
+        values[key.strip()] = value.strip() if key.strip() == "salient" else int(value)
+    return pattern, values
+
+
+def _add_quantize(sub):
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model to low-bit weights with 16-bit salient columns and save a checkpoint",
+        description="Quantize every q/k/v/o/gate/up/down projection of a LLaMA-like causal LM layer by "
+        "layer with GPTQ (or RTN), keeping the most salient input columns of each in 16-bit, and save "
+        "checkpoint format v1 with a JSON report (per-layer errors, salient columns, timings).",
+    )
+    p.add_argument("model", help="HF model directory, .gguf file, hub id (owner/name) or smollm2-135m")
+    p.add_argument("--out", required=True, help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument("--bits", type=int, default=4, choices=VALID_BITS, help="weight bit width (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale group; -1 = one group per row (default 128)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid with a fitted zero point (default symmetric)")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order over all columns (groups follow the visiting order; g_idx stored)")
+    p.add_argument("--no-group-aware", action="store_true", help="visit columns in natural order instead of group-aware act-order (GAR)")
+    p.add_argument("--no-mse-clip", action="store_true", help="use the full weight range instead of the MSE-searched clip")
+    p.add_argument("--method", default="gptq", choices=METHODS, help="gptq (error feedback through the Hessian) or rtn (round to nearest)")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian dampening as a fraction of its mean diagonal; raised automatically if needed (default 0.01)")
+    p.add_argument("--salient", default="0", help="16-bit input columns per layer: a count (128), a fraction (0.03) or a percentage (3%%); default 0 = plain GPTQ")
+    p.add_argument("--metric", default="gift", choices=sorted(METRICS), help="salient-column metric (default gift: max|W-Q(W)| * max|X|)")
+    p.add_argument("--tau", type=float, help="override the metric's weight-side norm (e.g. inf, 2, 1)")
+    p.add_argument("--rho", type=float, help="override the metric's activation-side norm")
+    p.add_argument("--gamma", type=float, help="override the metric's activation exponent")
+    p.add_argument("--override", type=_override, action="append", default=[], metavar="PATTERN=key:value",
+                   help="per-module settings for module names matching the regex PATTERN, e.g. 'down_proj=bits:8' or 'layers\\.0\\.=salient:5%%'; repeatable")
+    p.add_argument("--calib", default="default", help="calibration text: default (embedded), wikitext2, c4, pile, ptb, or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration windows and random metrics")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass (default 8)")
+    p.add_argument("--device", help="compute device (default: cuda if available, else cpu); the model stays on the CPU")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype to load the model in (default: its own)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--eval", dest="eval_dataset", help="after quantizing, measure perplexity on this text (e.g. wikitext2)")
+    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows of 2048 tokens")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args):
+    from .jobs import quantize
+
+    config = QuantConfig(
+        bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
+        group_aware=not args.no_group_aware, mse_clip=not args.no_mse_clip, method=args.method,
+        damp=args.damp, salient=args.salient, metric=args.metric, tau=args.tau, rho=args.rho,
+        gamma=args.gamma, seed=args.seed, overrides=dict(args.override),
+    )
+    report = quantize(
+        args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        overwrite=args.overwrite, eval_dataset=args.eval_dataset, eval_windows=args.eval_windows,
+        progress=not args.quiet,
+    )
+    summary = {"out": args.out, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]}
+    for name, result in report.get("eval", {}).items():
+        summary[f"{name}_perplexity"] = round(result["perplexity"], 3)
+    print(json.dumps(summary))
+
+
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a qrecover checkpoint or an ordinary model",
+        description="Perplexity with the standard protocol: the text tokenized once, non-overlapping "
+        "windows of --seqlen tokens, exp of the mean next-token loss. Writes a JSON report.",
+    )
+    p.add_argument("path", help="qrecover checkpoint directory, HF model directory, .gguf file, hub id or smollm2-135m")
+    p.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, c4, ptb, pile, or a .txt/.jsonl file (default wikitext2 test)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the unquantized tensors (default: as stored)")
+    p.add_argument("--report", help="JSON report path (default: eval_<dataset>.json inside a model directory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args):
+    from .jobs import evaluate
+
+    result = evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report, not args.quiet)
+    print(json.dumps(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrecover",
+        description="Low-bit quantization with 16-bit salient columns, recovered by noise-injected fine-tuning (GIFT-SW).",
+    )
+    parser.add_argument("--version", action="version", version=f"qrecover {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except QRecoverError as e:
+        print(f"qrecover: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qrecover: interrupted; a quantize run resumes from its .qrecover-work directory", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Text for calibration, training and evaluation: named corpora, local files, an embedded default.
+
+A source is a path (.txt, or .jsonl/.json of records), "default" (the corpus shipped inside the
+package, so the tool works offline) or a corpus name. Named corpora are read from the project's
+shared data folder when it is there (tests and benchmarks) and otherwise from the `datasets` hub.
+"""
+from __future__ import annotations
+
+import json
+import lzma
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import QRecoverError
+
+DEFAULT_CORPUS = Path(__file__).parent / "assets" / "wikitext2-valid.txt.xz"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    hub: tuple  # positional arguments of datasets.load_dataset
+    field: str
+    joiner: str
+    splits: dict  # purpose ("calib" or "eval") -> hub split
+    local: dict  # purpose -> file name in the shared data folder
+    data_files: dict | None = None
+
+
+CORPORA = {
+    "wikitext2": Corpus(
+        ("wikitext", "wikitext-2-raw-v1"), "text", "\n\n", {"calib": "train", "eval": "test"},
+        # The shared folder has no train split: its validation split is the calibration text there.
+        {"calib": "wikitext2-valid.txt", "eval": "wikitext2-raw-test.txt"},
+    ),
+    "c4": Corpus(
+        ("allenai/c4",), "text", "\n\n", {"calib": "train", "eval": "validation"}, {},
+        {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"},
+    ),
+    "pile": Corpus(("mit-han-lab/pile-val-backup",), "text", "\n\n", {"calib": "validation", "eval": "validation"}, {}),
+    "ptb": Corpus(("ptb_text_only", "penn_treebank"), "sentence", " ", {"calib": "train", "eval": "test"}, {}),
+}
+
+
+def shared_data_dir() -> Path | None:
+    """QRECOVER_DATA_DIR, else ../shared/data beside the project root, when it exists."""
+    env = os.environ.get("QRECOVER_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def shared_file(name: str) -> Path | None:
+    root = shared_data_dir()
+    return root / name if root is not None and (root / name).is_file() else None
+
+
+def read_text_file(path: Path) -> str:
+    # WikiText files have CRLF line ends; tokenizers must see "\n".
+    return path.read_bytes().decode("utf-8").replace("\r\n", "\n")
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a .jsonl file (one JSON object a line) or a .json file (a list of objects)."""
+    text = read_text_file(path)
+    try:
+        if path.suffix == ".json":
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise QRecoverError(f"{path} is not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}") from e
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise QRecoverError(f"{path} must hold JSON objects (one a line for .jsonl, a list for .json)")
+    return records
+
+
+def record_text(record: dict, where: str) -> str:
+    """Plain text of one record: its `text`, its chat `messages`, or instruction, input and output."""
+    if "text" in record:
+        return str(record["text"])
+    if "messages" in record:
+        return "\n\n".join(str(m.get("content", "")) for m in record["messages"])
+    if "instruction" in record and "output" in record:
+        parts = (record.get("instruction"), record.get("input"), record.get("output"))
+        return "\n\n".join(str(p) for p in parts if p)
+    raise QRecoverError(
+        f"{where}: a record has none of the fields qrecover reads: `text`, `messages`, or "
+        f"`instruction` + `output` (it has {sorted(record)})"
+    )
+
+
+def _hub_text(name: str, corpus: Corpus, purpose: str) -> str:
+    try:
+        import datasets
+
+        split = corpus.splits[purpose]
+        kwargs = {"data_files": {split: corpus.data_files[split]}} if corpus.data_files else {}
+        rows = datasets.load_dataset(*corpus.hub, split=split, **kwargs)[corpus.field]
+    except Exception as e:  # offline, missing dataset, unsupported loader script...
+        raise QRecoverError(
+            f"could not load the {name} corpus from the datasets hub ({type(e).__name__}: {e}); "
+            "without a hub, pass a local .txt or .jsonl file, or use the embedded `default`"
+        ) from e
+    if name == "c4" and purpose == "eval":
+        rows = rows[:1100]  # the usual C4 perplexity subset (GPTQ's protocol)
+    return corpus.joiner.join(rows)
+
+
+def load_text(source: str, purpose: str = "calib") -> str:
+    """All text of a source; purpose picks the split of a named corpus ("calib" or "eval")."""
+    source = str(source)
+    if source == "default":
+        text = lzma.decompress(DEFAULT_CORPUS.read_bytes()).decode("utf-8").replace("\r\n", "\n")
+    elif source.lower() in CORPORA:
+        name = source.lower()
+        corpus = CORPORA[name]
+        local = shared_file(corpus.local.get(purpose, "")) if corpus.local.get(purpose) else None
+        text = read_text_file(local) if local else _hub_text(name, corpus, purpose)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise QRecoverError(
+                f"text source {source!r} is neither a file nor one of: default, {', '.join(CORPORA)}"
+            )
+        if path.suffix in (".jsonl", ".json"):
+            text = "\n\n".join(record_text(r, str(path)) for r in read_records(path))
+        else:
+            text = read_text_file(path)
+    if not text.strip():
+        raise QRecoverError(f"the text of {source!r} is empty")
+    return text
+
+
+def source_label(source: str) -> str:
+    """A short name for a text source: the corpus name or the file's stem."""
+    return Path(str(source)).stem
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The token ids [T] of a whole text, tokenized once."""
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """nsamples windows [nsamples, seqlen] at seeded random offsets of the source's token stream."""
+    if nsamples < 1 or seqlen < 2:
+        raise QRecoverError(f"need at least 1 sample of 2 tokens, got {nsamples} x {seqlen}")
+    ids = tokenize(tokenizer, load_text(source, "calib"))
+    if len(ids) < nsamples * seqlen:
+        raise QRecoverError(
+            f"the calibration text {source!r} has {len(ids)} tokens, fewer than the {nsamples} x {seqlen} "
+            f"= {nsamples * seqlen} requested; use fewer or shorter samples or a longer text"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_tokens(tokenizer, source: str) -> torch.Tensor:
+    """The evaluation split of a source as one token stream [1, T]."""
+    return tokenize(tokenizer, load_text(source, "eval")).unsqueeze(0)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on a token stream; zero-shot tasks."""

@@ -1,0 +1,265 @@
+"""Checkpoint format v1 (DESIGN.md): a Hugging Face directory with safetensors, written atomically.
+
+Save writes into a hidden temporary directory beside the target and renames it into place, so an
+interrupted save never leaves a directory that looks like a checkpoint. Load builds the model
+skeleton without allocating its weights, puts a QuantLinear wherever the checkpoint holds packed
+tensors, and refuses foreign, truncated or future-version checkpoints with a message saying why.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import QuantConfig
+from .errors import QRecoverError
+from .models import decoder_layers, layer_linears, load_pretrained, read_config, set_submodule
+from .nn import QuantLinear
+from .utils import atomic_write_json
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+REPORT = "quantization_report.json"
+MAX_SHARD_BYTES = 4 * 2**30
+
+
+def quantization_config(config: QuantConfig, recovery: dict | None = None) -> dict:
+    """The `quantization_config` entry of config.json."""
+    metric = config.metric_spec
+    budget = config.salient
+    qc = {
+        "quant_method": "qrecover",
+        "format_version": FORMAT_VERSION,
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "sym": config.sym,
+        "desc_act": config.desc_act,
+        "checkpoint_format": "gptq",
+        "salient": {
+            ("fraction" if isinstance(budget, float) else "count"): budget,
+            "metric": config.metric,
+            "tau": _num(metric.tau),
+            "rho": _num(metric.rho),
+            "gamma": metric.gamma,
+        },
+        "method": config.method,
+        "group_aware": config.group_aware,
+        "mse_clip": config.mse_clip,
+        "damp": config.damp,
+        "seed": config.seed,
+        "overrides": config.overrides,
+        "qrecover_version": __version__,
+    }
+    if recovery:
+        qc["recovery"] = recovery
+    return qc
+
+
+def config_from_checkpoint(qc: dict) -> QuantConfig:
+    salient = qc.get("salient", {})
+    preset = QuantConfig(metric=salient.get("metric", "gift")).metric_spec
+    values = dict(
+        bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"], desc_act=qc["desc_act"],
+        salient=salient.get("count", salient.get("fraction", 0)), metric=salient.get("metric", "gift"),
+        method=qc.get("method", "gptq"), group_aware=qc.get("group_aware", True),
+        mse_clip=qc.get("mse_clip", True), damp=qc.get("damp", 0.01),
+        seed=qc.get("seed", 0), overrides=qc.get("overrides", {}),
+    )
+    # Only norms that differ from the preset were overrides.
+    for key in ("tau", "rho", "gamma"):
+        value = float(salient.get(key, getattr(preset, key)))
+        if value != getattr(preset, key):
+            values[key] = value
+    return QuantConfig(**values)
+
+
+def _num(x: float):
+    return "inf" if x == float("inf") else x
+
+
+def _unique_tensors(model) -> dict:
+    """The state dict without tied duplicates (e.g. lm_head.weight = embed_tokens.weight)."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def _write_weights(tensors: dict, where: Path, max_shard_bytes: int) -> None:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt", "producer": f"qrecover {__version__}"}
+    if len(shards) == 1:
+        save_file(shards[0], str(where / WEIGHTS), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(where / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write_json(where / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _gptq_compat_config(config: QuantConfig) -> dict:
+    """quantize_config.json for GPTQ tools; written only when no layer keeps 16-bit columns."""
+    return {
+        "bits": config.bits, "group_size": config.group_size, "desc_act": config.desc_act,
+        "sym": config.sym, "quant_method": "gptq", "checkpoint_format": "gptq",
+        "damp_percent": config.damp, "true_sequential": True,
+    }
+
+
+def save_checkpoint(
+    model, tokenizer, out_dir, config: QuantConfig, report: dict | None = None,
+    recovery: dict | None = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write a quantized model as checkpoint format v1; returns the directory."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_weights(_unique_tensors(model), tmp, max_shard_bytes)
+        cfg = copy.deepcopy(model.config)
+        cfg.quantization_config = quantization_config(config, recovery)
+        cfg.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        if quantized and all(m.n_salient == 0 for m in quantized) and not config.overrides:
+            atomic_write_json(tmp / "quantize_config.json", _gptq_compat_config(config))
+        if report is not None:
+            atomic_write_json(tmp / REPORT, report)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def is_checkpoint(path) -> bool:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    qc = read_config(path).get("quantization_config") or {}
+    return qc.get("quant_method") == "qrecover"
+
+
+def _read_tensors(path: Path) -> dict:
+    index = path / INDEX
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        raise QRecoverError(f"{path} has neither {WEIGHTS} nor {INDEX}: the checkpoint is incomplete")
+    tensors = {}
+    for fname in files:
+        try:
+            tensors.update(load_file(str(path / fname)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise QRecoverError(f"{path / fname} is corrupted or truncated ({e}); re-export the checkpoint") from e
+    return tensors
+
+
+def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, QuantConfig) of a checkpoint format v1 directory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise QRecoverError(f"checkpoint {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise QRecoverError(f"{path} has no config.json: not a checkpoint")
+    qc = read_config(path).get("quantization_config")
+    if not qc or qc.get("quant_method") != "qrecover":
+        found = (qc or {}).get("quant_method", "none")
+        raise QRecoverError(f"{path} is not a qrecover checkpoint (quant_method: {found})")
+    version = qc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QRecoverError(
+            f"{path} uses checkpoint format version {version}; this qrecover ({__version__}) reads "
+            f"version {FORMAT_VERSION}: upgrade qrecover"
+        )
+    config = config_from_checkpoint(qc)
+    tensors = _read_tensors(path)
+
+    hf_config = AutoConfig.from_pretrained(path)
+    del hf_config.quantization_config  # the skeleton is an ordinary model; QuantLinears go in below
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    quantized = []
+    for i, layer in enumerate(decoder_layers(model)):
+        for short, linear in layer_linears(layer).items():
+            name = f"model.layers.{i}.{short}"
+            quantized.append(name + ".")
+            own = {k[len(name) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+            try:
+                q = QuantLinear.from_tensors(own, config.resolve(name, linear.in_features).bits)
+            except QRecoverError as e:
+                raise QRecoverError(f"{path}: {name}: {e}; the checkpoint is truncated or not a qrecover one") from e
+            if (q.in_features, q.out_features) != (linear.in_features, linear.out_features):
+                raise QRecoverError(
+                    f"{path}: {name} holds a {q.in_features}->{q.out_features} layer, the config says "
+                    f"{linear.in_features}->{linear.out_features}"
+                )
+            set_submodule(layer, short, q)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied and not k.startswith(tuple(quantized))]
+    if missing or result.unexpected_keys:
+        raise QRecoverError(
+            f"{path} does not match its config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.config.quantization_config = qc
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer, config
+
+
+def load(spec, device="cpu", dtype=None):
+    """(model, tokenizer) of a qrecover checkpoint or of an ordinary model spec."""
+    if is_checkpoint(spec):
+        model, tokenizer, _ = load_checkpoint(spec, device, None if dtype == "auto" else dtype)
+        return model, tokenizer
+    return load_pretrained(spec, dtype=dtype or "auto", device=device)

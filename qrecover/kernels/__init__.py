@@ -1,0 +1,1 @@
+"""Backends that compute the mixed-precision linear layer."""

@@ -1,0 +1,103 @@
+"""The mixed-precision linear layer: a packed low-bit dense part plus 16-bit salient input columns.
+
+Tensors follow checkpoint format v1 (see DESIGN.md): qweight, qzeros, scales, g_idx in the GPTQ v1
+layout, salient_idx and salient_weight for the columns kept in 16-bit. The codes at salient
+positions are the zero point, so y = deq(qweight) x + salient_weight x[salient_idx].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import QRecoverError
+from .kernels import torch_ref
+from .quant.gptq import QuantResult
+from .quant.pack import pack_codes, packed_length
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        n_groups: int,
+        n_salient: int,
+        bias: bool,
+        salient_dtype: torch.dtype = torch.float16,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("salient_idx", torch.zeros(n_salient, dtype=torch.int32))
+        self.salient_weight = nn.Parameter(torch.zeros(out_features, n_salient, dtype=salient_dtype), requires_grad=False)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self._held_dense = None  # see hold_dense
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, bits: int) -> "QuantLinear":
+        """A layer holding checkpoint tensors (keys without the module prefix), checked against bits."""
+        missing = {"qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight"} - set(tensors)
+        if missing:
+            raise QRecoverError(f"missing tensors {sorted(missing)}")
+        in_f, (n_groups, out_f) = tensors["g_idx"].numel(), tensors["scales"].shape
+        m = cls(in_f, out_f, bits, n_groups, tensors["salient_idx"].numel(), "bias" in tensors, tensors["salient_weight"].dtype)
+        for key, value in m.state_dict().items():
+            if tensors[key].shape != value.shape or tensors[key].dtype != value.dtype:
+                raise QRecoverError(
+                    f"{key} is {tuple(tensors[key].shape)} {tensors[key].dtype}, expected {tuple(value.shape)} "
+                    f"{value.dtype} for a {bits}-bit {in_f}->{out_f} layer"
+                )
+        unknown = set(tensors) - set(m.state_dict())
+        if unknown:
+            raise QRecoverError(f"unexpected tensors {sorted(unknown)}")
+        m.load_state_dict(tensors)
+        return m
+
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: torch.Tensor | None, salient_dtype=torch.float16) -> "QuantLinear":
+        out_f, in_f = result.codes.shape
+        m = cls(in_f, out_f, result.bits, result.scales.shape[0], len(result.salient_idx), bias is not None, salient_dtype)
+        m.qweight.copy_(pack_codes(result.codes.t(), result.bits))
+        m.qzeros.copy_(pack_codes((result.zeros.t() - 1).round().long(), result.bits).t())
+        m.scales.copy_(result.scales.half())
+        m.g_idx.copy_(result.g_idx)
+        m.salient_idx.copy_(result.salient_idx)
+        m.salient_weight.data.copy_(result.salient_weight.to(salient_dtype))
+        if bias is not None:
+            m.bias.copy_(bias.detach().half())
+        return m.to(result.codes.device)
+
+    @property
+    def n_salient(self) -> int:
+        return self.salient_idx.numel()
+
+    def dequantize_dense(self, dtype=torch.float32) -> torch.Tensor:
+        """The low-bit part as a dense [in, out] matrix (zero at salient columns)."""
+        return torch_ref.dequantize_weight(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, dtype
+        )
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The full weight [out, in] the layer computes with, like nn.Linear.weight."""
+        w = self.dequantize_dense(dtype).t().contiguous()
+        w[:, self.salient_idx.long()] = self.salient_weight.to(dtype)
+        return w
+
+    def hold_dense(self, hold: bool) -> None:
+        """Keep the dequantized dense part between calls (a full-precision copy: memory for speed)."""
+        self._held_dense = self.dequantize_dense(torch.float32) if hold else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self._held_dense
+        dense = dense.to(x.dtype) if dense is not None else self.dequantize_dense(x.dtype)
+        return torch_ref.mixed_linear(x, dense, self.salient_idx, self.salient_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"groups={self.scales.shape[0]}, salient={self.n_salient}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,46 @@
+"""What the quantizer and the saliency metric need to know of a linear layer's inputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import QRecoverError
+
+
+class InputStats:
+    """Accumulates, over calibration tokens, H = X^T X / N and the column norms ||X_j||_rho."""
+
+    def __init__(self, n_features: int, rho: float, hessian: bool, device, name: str = "layer"):
+        self.name = name
+        self.rho = rho
+        self.tokens = 0
+        self.H = torch.zeros(n_features, n_features, device=device) if hessian else None
+        self._norm = torch.zeros(n_features, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        if self.H is not None:
+            self.H.addmm_(x.t(), x)
+        if math.isinf(self.rho):
+            torch.maximum(self._norm, x.abs().amax(dim=0), out=self._norm)
+        else:
+            self._norm += x.abs().pow(self.rho).sum(dim=0)
+
+    def check_finite(self) -> None:
+        """NaN or Inf in any input reaches the sums; one check at the end is enough."""
+        total = self._norm.sum() + (self.H.sum() if self.H is not None else 0)
+        if not torch.isfinite(total):
+            raise QRecoverError(
+                f"the inputs of {self.name} contain NaN or Inf during calibration; the model overflows "
+                "in this dtype (try --dtype float32) or its weights are broken"
+            )
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        return None if self.H is None else self.H / max(self.tokens, 1)
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        return self._norm if math.isinf(self.rho) else self._norm.pow(1.0 / self.rho)

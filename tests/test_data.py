@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from qrecover.data import calibration_samples, eval_tokens, load_text, record_text
+from qrecover.errors import QRecoverError
+
+
+def test_default_corpus_is_embedded():
+    text = load_text("default")
+    assert len(text) > 1_000_000 and "Homarus gammarus" in text
+
+
+def test_local_files(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_bytes(b"line one\r\nline two\r\n")
+    assert load_text(str(txt)) == "line one\nline two\n"
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text(
+        json.dumps({"text": "plain"}) + "\n"
+        + json.dumps({"instruction": "Do it", "input": "", "output": "Done"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    )
+    assert load_text(str(jsonl)) == "plain\n\nDo it\n\nDone\n\nhi\n\nhello"
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(QRecoverError, match="neither a file nor one of"):
+        load_text(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(QRecoverError, match="is empty"):
+        load_text(str(empty))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(QRecoverError, match="not valid JSON"):
+        load_text(str(broken))
+    with pytest.raises(QRecoverError, match="none of the fields.*'question'"):
+        record_text({"question": "?"}, "x.jsonl")
+
+
+def test_calibration_samples_are_seeded_windows(tiny_tokenizer):
+    a = calibration_samples(tiny_tokenizer, "default", 4, 64, seed=1)
+    b = calibration_samples(tiny_tokenizer, "default", 4, 64, seed=1)
+    c = calibration_samples(tiny_tokenizer, "default", 4, 64, seed=2)
+    assert a.shape == (4, 64) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_calibration_text_too_short(tiny_tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text")
+    with pytest.raises(QRecoverError, match=r"fewer than the 8 x 512 = 4096 requested"):
+        calibration_samples(tiny_tokenizer, str(short), 8, 512)
+
+
+def test_wikitext2_comes_from_the_shared_folder(tiny_tokenizer, shared_data):
+    text = load_text("wikitext2", "eval")
+    assert text == (shared_data / "wikitext2-raw-test.txt").read_bytes().decode().replace("\r\n", "\n")
+    assert load_text("wikitext2", "calib").startswith(" \n = Homarus gammarus")
+    assert eval_tokens(tiny_tokenizer, "wikitext2").shape[0] == 1
+
+
+def test_hub_failure_is_explained(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(QRecoverError, match="could not load the c4 corpus.*embedded `default`"):
+        load_text("c4")

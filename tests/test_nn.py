@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from qrecover.errors import QRecoverError
+from qrecover.nn import QuantLinear
+from qrecover.quant.gptq import gptq_quantize
+
+
+def quantized_layer(bits, group_size=32, salient=(2, 40, 79), bias=True, out_f=48, in_f=80):
+    torch.manual_seed(bits)
+    W = torch.randn(out_f, in_f)
+    X = torch.randn(512, in_f)
+    result = gptq_quantize(W, X.t() @ X / 512, bits, group_size, True, True, torch.tensor(salient, dtype=torch.long))
+    b = torch.randn(out_f) if bias else None
+    return result, QuantLinear.from_result(result, b), b
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_forward_matches_the_quantized_weight(bits, group_size):
+    result, layer, bias = quantized_layer(bits, group_size)
+    x = torch.randn(5, 80)
+    # Scales, salient weights and bias are stored in float16.
+    w = result.dequantize().double()
+    expected = x.double() @ layer.dequantize(torch.float64).t() + bias.half().double()
+    assert torch.allclose(layer(x).double(), expected, atol=1e-4)
+    assert torch.allclose(layer.dequantize(torch.float64), w, atol=1e-2)
+
+
+def test_dense_part_is_zero_at_salient_columns():
+    _, layer, _ = quantized_layer(3)
+    dense = layer.dequantize_dense(torch.float64)  # [in, out]
+    assert torch.all(dense[[2, 40, 79]] == 0)
+    assert torch.all(dense[[0, 1, 3]].abs().sum(dim=1) > 0)
+
+
+def test_k_zero_and_no_bias():
+    _, layer, _ = quantized_layer(4, salient=(), bias=False)
+    assert layer.n_salient == 0 and layer.bias is None
+    x = torch.randn(3, 80)
+    assert torch.allclose(layer(x), x @ layer.dequantize().t(), atol=1e-5)
+
+
+def test_held_dense_gives_the_same_output():
+    _, layer, _ = quantized_layer(4)
+    x = torch.randn(7, 80)
+    plain = layer(x)
+    layer.hold_dense(True)
+    assert torch.equal(layer(x), plain)
+    layer.hold_dense(False)
+    assert layer._held_dense is None
+
+
+def test_from_tensors_round_trip_and_errors():
+    _, layer, _ = quantized_layer(3)
+    tensors = dict(layer.state_dict())
+    again = QuantLinear.from_tensors(tensors, 3)
+    x = torch.randn(2, 80)
+    assert torch.equal(again(x), layer(x)) and again.bits == 3
+    with pytest.raises(QRecoverError, match="missing tensors"):
+        QuantLinear.from_tensors({k: v for k, v in tensors.items() if k != "qzeros"}, 3)
+    bad = dict(tensors, scales=tensors["scales"][:1])
+    with pytest.raises(QRecoverError, match=r"qzeros is \(3, 5\).*expected \(1, 5\)"):
+        QuantLinear.from_tensors(bad, 3)
+    with pytest.raises(QRecoverError, match=r"qweight is \(8, 48\).*expected \(10, 48\).*4-bit"):
+        QuantLinear.from_tensors(tensors, 4)
+    with pytest.raises(QRecoverError, match="unexpected tensors"):
+        QuantLinear.from_tensors(dict(tensors, extra=torch.zeros(1)), 3)

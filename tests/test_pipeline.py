@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from qrecover.config import QuantConfig
+from qrecover.errors import QRecoverError
+from qrecover.models import check_supported, decoder_layers, layer_linears
+from qrecover.nn import QuantLinear
+from qrecover.pipeline import capture_inputs, quantize_layer, quantize_model
+
+from conftest import tiny_model
+
+
+def samples(n=6, seqlen=32, vocab=300, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_decoder_linear_is_quantized_and_reported():
+    model = tiny_model()
+    report = quantize_model(model, samples(), QuantConfig(bits=4, group_size=32, salient=4), batch_size=4, progress=False)
+    for layer in decoder_layers(model):
+        assert all(isinstance(m, QuantLinear) for m in layer_linears(layer).values())
+    modules = [m for layer in report["layers"] for m in layer["modules"]]
+    assert len(modules) == 2 * 7
+    assert all(m["salient"] == 4 and len(m["salient_idx"]) == 4 and len(m["salient_scores"]) == 4 for m in modules)
+    assert all(0 <= m["error"] < 0.1 for m in modules)
+    assert report["seconds"] > 0 and report["peak_memory_mb"] > 0
+
+
+def test_eight_bits_is_nearly_lossless():
+    model = tiny_model()
+    ids = samples(n=2, seed=9)
+    ref = model(ids).logits
+    quantize_model(model, samples(), QuantConfig(bits=8, group_size=-1), progress=False)
+    assert torch.allclose(model(ids).logits, ref, atol=0.05, rtol=0.05)
+
+
+def test_replayed_blocks_match_a_plain_forward():
+    """The driver's layer outputs (replaying attention and MLP) equal a real forward of the quantized layer."""
+    model = tiny_model()
+    batches, kwargs = capture_inputs(model, samples(n=4), "cpu", 2)
+    layer = decoder_layers(model)[0]
+    cfg = QuantConfig(bits=3, group_size=32, salient=2)
+    _, outputs = quantize_layer(layer, "model.layers.0", batches, kwargs, cfg, torch.Generator(), torch.float16)
+    with torch.no_grad():
+        for x, out in zip(batches, outputs):
+            direct = layer(x, **kwargs)
+            direct = direct[0] if isinstance(direct, tuple) else direct
+            assert torch.allclose(out, direct, atol=1e-5)
+
+
+def test_gptq_beats_rtn_end_to_end():
+    ids = samples(n=8, seqlen=64)
+    test_ids = samples(n=4, seqlen=64, seed=5)
+    with torch.no_grad():
+        target = tiny_model()(test_ids).logits
+    errors = {}
+    for method in ("gptq", "rtn"):
+        model = tiny_model()
+        quantize_model(model, ids, QuantConfig(bits=3, group_size=32, method=method), progress=False)
+        with torch.no_grad():
+            errors[method] = float(((model(test_ids).logits - target) ** 2).mean())
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    import qrecover.pipeline as pipeline
+
+    ids = samples()
+    cfg = QuantConfig(bits=3, group_size=32, salient=3)
+    whole = tiny_model()
+    quantize_model(whole, ids, cfg, progress=False)
+
+    real = pipeline.quantize_layer
+    def crash_on_second_layer(layer, prefix, *args):
+        if prefix.endswith(".1"):
+            raise KeyboardInterrupt
+        return real(layer, prefix, *args)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_model(), ids, cfg, work_dir=tmp_path / "work", progress=False)
+    monkeypatch.setattr(pipeline, "quantize_layer", real)
+    resumed = tiny_model()
+    report = quantize_model(resumed, ids, cfg, work_dir=tmp_path / "work", progress=False)
+    assert [layer["index"] for layer in report["layers"]] == [0, 1]
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(QRecoverError, match="other settings"):
+        quantize_model(tiny_model(), ids, QuantConfig(bits=4), work_dir=tmp_path / "work", progress=False)
+
+
+def test_nan_weights_are_named():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(QRecoverError, match=r"model.layers.1.mlp.up_proj contain NaN"):
+        quantize_model(model, samples(), QuantConfig(), progress=False)
+
+
+def test_nan_activations_are_named():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = float("inf")
+    with pytest.raises(QRecoverError, match="NaN or Inf during calibration"):
+        quantize_model(model, samples(), QuantConfig(), progress=False)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(QRecoverError, match="unsupported architecture 'gpt2'"):
+        check_supported(model)
