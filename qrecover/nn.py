@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import QRecoverError
+from . import kernels
 from .kernels import torch_ref
 from .quant.gptq import QuantResult
 from .quant.pack import pack_codes, packed_length
@@ -92,9 +93,7 @@ class QuantLinear(nn.Module):
         self._held_dense = self.dequantize_dense(torch.float32) if hold else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = self._held_dense
-        dense = dense.to(x.dtype) if dense is not None else self.dequantize_dense(x.dtype)
-        return torch_ref.mixed_linear(x, dense, self.salient_idx, self.salient_weight, self.bias)
+        return kernels.mixed_linear(self, x)
 
     def extra_repr(self) -> str:
         return (

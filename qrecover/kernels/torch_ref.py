@@ -31,3 +31,10 @@ def mixed_linear(x, weight_t, salient_idx, salient_weight, bias) -> torch.Tensor
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y
+
+
+def forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output; uses the layer's held dense weight when it keeps one."""
+    dense = layer._held_dense
+    dense = dense.to(x.dtype) if dense is not None else layer.dequantize_dense(x.dtype)
+    return mixed_linear(x, dense, layer.salient_idx, layer.salient_weight, layer.bias)
