@@ -25,7 +25,11 @@ def dequantize_weight(qweight, qzeros, scales, g_idx, bits: int, in_features: in
 
 def mixed_linear(x, weight_t, salient_idx, salient_weight, bias) -> torch.Tensor:
     """x [..., in] @ weight_t [in, out] plus the 16-bit column correction and the bias."""
-    y = x @ weight_t
+    return add_columns(x @ weight_t, x, salient_idx, salient_weight, bias)
+
+
+def add_columns(y, x, salient_idx, salient_weight, bias) -> torch.Tensor:
+    """y + x[..., salient_idx] @ salient_weight^T (+ bias): differentiable in salient_weight."""
     if salient_idx.numel():
         y = y + x[..., salient_idx.long()] @ salient_weight.to(x.dtype).t()
     if bias is not None:
