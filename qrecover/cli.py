@@ -9,6 +9,8 @@ from . import __version__
 from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
 from .jobs import DTYPES
+from .noise import NOISE_KINDS
+from .recover import METHODS as RECOVER_METHODS
 from .saliency import METRICS
 
 
@@ -111,6 +113,69 @@ def _run_eval(args):
     print(json.dumps(result))
 
 
+def _add_recover(sub):
+    p = sub.add_parser(
+        "recover",
+        help="recover a quantized checkpoint by noise-injected training of its salient columns (GIFT-SW)",
+        description="Train only the 16-bit salient columns of a qrecover checkpoint while the frozen "
+        "quantized weights compute with Gaussian noise of half their quantization step (GIFT-SW); or "
+        "fine-tune an ordinary model the same way (columns picked by the metric, merged back on export). "
+        "Baselines: --noise none, --method lora, --method full. Interrupted runs resume from "
+        "<out>.qrecover-work with the same settings.",
+    )
+    p.add_argument("model", help="qrecover checkpoint directory, or an ordinary model (HF directory, .gguf, hub id, smollm2-135m)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint format v1 for checkpoints, an HF model otherwise)")
+    p.add_argument("--data", default="default", help="training data: default, wikitext2, c4, a .txt file (language modelling), "
+                   "a .jsonl of instruction/chat records (loss on responses only), tulu-v2-mix or openorca (default: default)")
+    p.add_argument("--method", default="gift", choices=RECOVER_METHODS, help="gift (salient columns, default), lora (peft adapters), full (unquantized only)")
+    p.add_argument("--noise", default="gaussian", choices=NOISE_KINDS, help="noise on the frozen weights in training: gaussian N(0, (s*Delta/2)^2), uniform, or none")
+    p.add_argument("--noise-scale", type=float, default=1.0, help="multiplier s of the noise (default 1)")
+    p.add_argument("--noise-bits", type=int, choices=(2, 3, 4, 8), help="take Delta from a per-row grid of this width instead of the layer's own (default: own; 4 for unquantized)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per example: text block length, or truncation of longer conversations (default 512)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule (default 0.03)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")
+    p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm weights")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (default: about as many parameters as the salient columns)")
+    p.add_argument("--salient", default="128", help="unquantized models: salient columns per layer, count/fraction/percentage (default 128)")
+    p.add_argument("--metric", default="gift", choices=sorted(METRICS), help="unquantized models: salient-column metric (default gift)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints (default 50; 0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the noise")
+    p.add_argument("--device", help="training device (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--eval", dest="eval_dataset", help="after training, measure perplexity on this text (e.g. wikitext2)")
+    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows of 2048 tokens")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_recover)
+
+
+def _run_recover(args):
+    from .jobs import recover
+    from .recover import RecoverConfig
+    from .train import TrainConfig
+
+    train = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
+        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed,
+    )
+    config = RecoverConfig(
+        method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
+        max_length=args.max_length, train_norms=args.train_norms, lora_rank=args.lora_rank,
+        salient=args.salient, metric=args.metric, train=train,
+    )
+    result = recover(args.model, args.data, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)
+    summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
+    for name, value in result.get("eval", {}).items():
+        summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
+    print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qrecover",
@@ -119,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qrecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_recover(sub)
     _add_eval(sub)
     return parser
 
@@ -131,7 +197,7 @@ def main(argv=None) -> int:
         print(f"qrecover: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qrecover: interrupted; a quantize run resumes from its .qrecover-work directory", file=sys.stderr)
+        print("qrecover: interrupted; rerun the same command to resume from its .qrecover-work directory", file=sys.stderr)
         return 130
     return 0
 

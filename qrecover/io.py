@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,7 +20,7 @@ from .config import QuantConfig
 from .errors import QRecoverError
 from .models import decoder_layers, layer_linears, load_pretrained, read_config, set_submodule
 from .nn import QuantLinear
-from .utils import atomic_write_json
+from .utils import atomic_dir, atomic_write_json
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -132,15 +129,11 @@ def _gptq_compat_config(config: QuantConfig) -> dict:
 
 def save_checkpoint(
     model, tokenizer, out_dir, config: QuantConfig, report: dict | None = None,
-    recovery: dict | None = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+    recovery: dict | None = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, extras=None,
 ) -> Path:
-    """Write a quantized model as checkpoint format v1; returns the directory."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    """Write a quantized model as checkpoint format v1; extras(dir) may add files. Returns the directory."""
+
+    def build(tmp: Path):
         _write_weights(_unique_tensors(model), tmp, max_shard_bytes)
         cfg = copy.deepcopy(model.config)
         cfg.quantization_config = quantization_config(config, recovery)
@@ -154,21 +147,10 @@ def save_checkpoint(
             atomic_write_json(tmp / "quantize_config.json", _gptq_compat_config(config))
         if report is not None:
             atomic_write_json(tmp / REPORT, report)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        if extras is not None:
+            extras(tmp)
 
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    return atomic_dir(out_dir, build, overwrite)
 
 
 def is_checkpoint(path) -> bool:

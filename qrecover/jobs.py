@@ -1,7 +1,9 @@
-"""The jobs behind the CLI, callable from Python: quantize a model end to end; evaluate one."""
+"""The jobs behind the CLI, callable from Python: quantize, recover, evaluate."""
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -11,10 +13,17 @@ from .config import QuantConfig
 from .data import calibration_samples, eval_tokens, source_label
 from .errors import QRecoverError
 from .eval.perplexity import perplexity
-from .io import load, save_checkpoint
+from .io import REPORT, is_checkpoint, load, load_checkpoint, save_checkpoint
 from .models import load_pretrained
+from .noise import NoiseClock
 from .pipeline import quantize_model
-from .utils import atomic_write_json, peak_memory_mb
+from .recover import (
+    RecoverConfig, add_lora, add_salient_columns, finish_gift, is_quantized, lora_rank_for, merge_salient,
+    prepare, recovery_summary, salient_params,
+)
+from .train import plot_loss, train
+from .train_data import load_examples
+from .utils import atomic_dir, atomic_write_json, peak_memory_mb
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,4 +93,81 @@ def evaluate(
         report_path = Path(path) / f"eval_{source_label(dataset)}.json"
     if report_path is not None:
         atomic_write_json(report_path, result)
+    return result
+
+
+def recover(
+    model: str,
+    data: str,
+    out: str | Path,
+    config: RecoverConfig,
+    device=None,
+    overwrite: bool = False,
+    eval_dataset: str | None = None,
+    eval_windows: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Recover a qrecover checkpoint (or fine-tune an ordinary model) on `data`; save to `out`.
+
+    Resumes from `<out>.qrecover-work` when an earlier run with the same settings was interrupted.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
+    start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    qconfig = None
+    if is_checkpoint(model):
+        net, tokenizer, qconfig = load_checkpoint(model)
+    else:
+        net, tokenizer = load_pretrained(model, dtype=torch.float32)
+    pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    examples = load_examples(data, tokenizer, config.max_length)
+    if examples.truncated or examples.dropped:
+        print(
+            f"qrecover: {examples.truncated} examples were longer than {config.max_length} tokens and were "
+            f"truncated; {examples.dropped} had no response token left and were dropped", file=sys.stderr,
+        )
+    clock = NoiseClock(config.train.seed)
+    if config.method == "gift" and qconfig is None:
+        add_salient_columns(net, examples, config, pad_id)
+    trainable = prepare(net, config, clock)
+    if config.method == "lora":
+        rank = config.lora_rank or lora_rank_for(net, salient_params(net, config))
+        net = add_lora(net, rank)
+        config.lora_rank = rank
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    net.to(device)
+    settings = {"model": str(model), "data": str(data), **{k: v for k, v in config.to_dict().items() if k != "train"}}
+    settings.update({k: v for k, v in config.to_dict()["train"].items() if k != "save_every"})
+    state = train(net, examples, pad_id, config.train, settings, work_dir_for(out), clock, progress)
+    net = net.cpu()
+
+    summary = recovery_summary(config, data, examples, trainable, time.perf_counter() - start)
+    summary["peak_memory_mb"] = peak_memory_mb(device)
+
+    def extras(tmp: Path):
+        atomic_write_json(tmp / "recovery_log.json", {"recovery": summary, "log": state.log})
+        plot_loss(state.log, tmp / "recovery_loss.png")
+
+    if config.method == "gift":
+        finish_gift(net)
+    if qconfig is not None and config.method == "gift":
+        report_path = Path(model) / REPORT
+        report = json.loads(report_path.read_text()) if report_path.is_file() else None
+        save_checkpoint(net, tokenizer, out, qconfig, report=report, recovery=summary, overwrite=overwrite, extras=extras)
+    elif is_quantized(net):
+        # LoRA on a quantized model: the adapter cannot be merged into packed weights; save it (peft format).
+        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), extras(tmp)), overwrite)
+    else:
+        if config.method == "lora":
+            net = net.merge_and_unload()
+        merge_salient(net)
+        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), tokenizer.save_pretrained(tmp), extras(tmp)), overwrite)
+    shutil.rmtree(work_dir_for(out), ignore_errors=True)
+
+    result = {"out": str(out), "recovery": summary, "final_loss": state.log[-1]["loss"] if state.log else None}
+    if eval_dataset:
+        net.eval()
+        result["eval"] = {source_label(eval_dataset): perplexity(net, eval_tokens(tokenizer, eval_dataset), max_windows=eval_windows, progress=progress)}
     return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import QRecoverError
+from .utils import atomic_dir
 
 # Linears of a decoder layer in the order their inputs become available; the members of a group
 # read the same input, so one set of input statistics serves the whole group.
@@ -43,22 +43,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QRECOVER_CACHE", Path.home() / ".cache" / "qrecover"))
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Run build(tmp_dir) and move the finished directory into place in one rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        build(tmp)
-        if final.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype=torch.float32) -> Path:
     """Dequantize a GGUF file into an ordinary safetensors HF directory (with its tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +62,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype=torch.float32
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_dir(Path(out_dir), build)
+    return atomic_dir(out_dir, build, overwrite=True)
 
 
 def reference_model_dir() -> Path:

@@ -1,0 +1,85 @@
+"""Quantization noise injection (QNI) for GIFT-SW recovery.
+
+In training, a layer's frozen part computes with W + E, where E_ij ~ N(0, (s * Delta_ij / 2)^2)
+(or U(-s * Delta_ij / 2, s * Delta_ij / 2)) is fresh at every training step and Delta_ij is the
+quantization step of the row and group of element ij. Salient columns get no noise.
+
+Memory: nothing is kept for the backward pass. The frozen weight is rebuilt from its packed form
+and the noise regenerated from a seed, in forward and again in backward; the cost is one extra
+dequantization and one extra draw per layer and step, and no full-precision copy of the model.
+The seed is a function of (run seed, training step, layer), so recomputation under gradient
+checkpointing sees the same noise, and a resumed run draws exactly what the uninterrupted one did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NOISE_KINDS = ("gaussian", "uniform", "none")
+
+
+@dataclass
+class NoiseConfig:
+    kind: str = "gaussian"
+    scale: float = 1.0  # multiplies Delta / 2
+    bits: int | None = None  # fixed noise bit width: Delta from a per-row b-bit grid instead of the layer's
+    seed: int = 0
+
+
+class NoiseClock:
+    """The training step the noise is drawn for; the trainer advances it, layers read it."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.step = 0
+
+    def seed_for(self, layer_id: int) -> int:
+        return ((self.seed * 1_000_003 + self.step) * 65_537 + layer_id) % (2**63 - 1)
+
+
+def draw(delta: torch.Tensor, shape, kind: str, scale: float, seed: int, dtype) -> torch.Tensor:
+    """Noise of `shape` with per-element step delta (broadcastable), reproducible from seed."""
+    gen = torch.Generator(device=delta.device).manual_seed(seed)
+    half_step = delta.to(dtype) * (scale / 2)
+    if kind == "gaussian":
+        return torch.randn(shape, generator=gen, device=delta.device, dtype=dtype) * half_step
+    return (torch.rand(shape, generator=gen, device=delta.device, dtype=dtype) * 2 - 1) * half_step
+
+
+class _NoisyMatmul(torch.autograd.Function):
+    """x @ (frozen + noise), with the frozen weight rebuilt and the noise redrawn in backward."""
+
+    @staticmethod
+    def forward(ctx, x, make_weight, seed):
+        ctx.make_weight, ctx.seed = make_weight, seed
+        return x @ make_weight(x.dtype, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.make_weight(grad.dtype, ctx.seed).t(), None, None
+
+
+def noisy_matmul(x: torch.Tensor, frozen_t, delta_t, salient_idx: torch.Tensor, noise: NoiseConfig, seed: int):
+    """x @ (frozen_t(dtype) + E) for a frozen [in, out] weight; E is zero on the salient input rows.
+
+    frozen_t: dtype -> [in, out] tensor; delta_t: () -> Delta broadcastable to [in, out].
+    """
+
+    def make_weight(dtype, seed_):
+        w = frozen_t(dtype)
+        e = draw(delta_t(), w.shape, noise.kind, noise.scale, seed_, dtype)
+        e[salient_idx.long()] = 0
+        return w + e
+
+    return _NoisyMatmul.apply(x, make_weight, seed)
+
+
+def row_step(weight_t: torch.Tensor, salient_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """Delta [1, out] of a per-row symmetric b-bit grid (MSE clip) fitted on the non-salient rows of weight_t [in, out]."""
+    from .quant.grid import fit_grid
+
+    keep = torch.ones(weight_t.shape[0], dtype=torch.bool, device=weight_t.device)
+    keep[salient_idx.long()] = False
+    scale, _ = fit_grid(weight_t[keep].t().float(), bits, sym=True, mse=True)
+    return scale.t()

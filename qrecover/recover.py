@@ -1,0 +1,178 @@
+"""GIFT-SW recovery, and the baselines it is compared with in the same harness.
+
+Methods:
+- gift:  train only the 16-bit salient columns; the frozen rest computes with quantization noise
+         (noise="none" gives salient-column training without noise, the ablation);
+- lora:  LoRA adapters (peft) on every projection, quantized weights and salient columns frozen;
+- full:  full fine-tuning (unquantized models only).
+
+A qrecover checkpoint is recovered in place of its salient columns and exported as checkpoint
+format v1. An ordinary model gets salient columns picked by the metric on a few training batches,
+is trained the same way, and is exported as an ordinary HF model with the columns merged back.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .config import parse_salient, salient_count
+from .errors import QRecoverError
+from .models import LINEAR_NAMES, decoder_layers, layer_linears, set_submodule
+from .nn import QuantLinear, SalientColumns, SalientLinear
+from .noise import NOISE_KINDS, NoiseClock, NoiseConfig
+from .observer import InputStats
+from .saliency import METRICS, column_scores, resolve_metric, select_salient
+from .train import TrainConfig
+from .train_data import collate
+
+METHODS = ("gift", "lora", "full")
+
+
+@dataclass
+class RecoverConfig:
+    method: str = "gift"
+    noise: str = "gaussian"
+    noise_scale: float = 1.0
+    noise_bits: int | None = None  # fixed noise bit width; default: the layer's own grid (4 for unquantized)
+    max_length: int = 512
+    train_norms: bool = False
+    lora_rank: int | None = None  # default: about as many parameters as the salient columns
+    # Unquantized models only: which columns to train.
+    salient: int | float = 128
+    metric: str = "gift"
+    saliency_batches: int = 4
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.method not in METHODS:
+            raise QRecoverError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.noise not in NOISE_KINDS:
+            raise QRecoverError(f"noise {self.noise!r} is not one of {', '.join(NOISE_KINDS)}")
+        if self.noise_bits is not None and self.noise_bits not in (2, 3, 4, 8):
+            raise QRecoverError(f"noise bits {self.noise_bits} is not one of 2, 3, 4, 8")
+        if self.metric not in METRICS:
+            raise QRecoverError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        self.salient = parse_salient(self.salient)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def salient_modules(model) -> list[SalientColumns]:
+    return [m for m in model.modules() if isinstance(m, SalientColumns)]
+
+
+def is_quantized(model) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def add_salient_columns(model, examples, config: RecoverConfig, pad_id: int) -> None:
+    """Replace the projections of an ordinary model by SalientLinears, columns picked by the metric."""
+    metric = resolve_metric(config.metric)
+    layers = decoder_layers(model)
+    linears = {f"model.layers.{i}.{n}": m for i, layer in enumerate(layers) for n, m in layer_linears(layer).items()}
+    stats = {name: InputStats(m.in_features, metric.rho, hessian=False, device=m.weight.device, name=name) for name, m in linears.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.add(args[0])) for n, m in linears.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(min(config.saliency_batches, len(examples.items))):
+                batch = collate([examples.items[i]], pad_id)
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    generator = torch.Generator().manual_seed(config.train.seed)
+    step_bits = config.noise_bits or 4
+    for name, linear in linears.items():
+        stats[name].check_finite()
+        k = salient_count(config.salient, linear.in_features, name)
+        scores = column_scores(linear.weight.detach().float(), stats[name].act_norm, metric, step_bits, generator)
+        set_submodule(model, name, SalientLinear(linear, select_salient(scores, k), step_bits))
+
+
+def prepare(model, config: RecoverConfig, clock: NoiseClock) -> int:
+    """Freeze everything, make the method's parameters trainable; returns their number."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.method == "full":
+        if is_quantized(model):
+            raise QRecoverError("full fine-tuning needs an unquantized model; this one is a quantized checkpoint")
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif config.method == "gift":
+        modules = salient_modules(model)
+        if not modules or sum(m.n_salient for m in modules) == 0:
+            raise QRecoverError("the model has no salient columns: nothing to train (quantize with --salient > 0)")
+        for i, m in enumerate(modules):
+            # Train in float32; finish_gift puts the columns back in their storage dtype.
+            m.storage_dtype = m.salient_weight.dtype
+            m.salient_weight = nn.Parameter(m.salient_weight.detach().float(), requires_grad=True)
+            m.enable_noise(NoiseConfig(config.noise, config.noise_scale, config.noise_bits), clock, i)
+        if config.train_norms:
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def salient_params(model, config: RecoverConfig) -> int:
+    """Parameters in the salient columns: those of a quantized model, or those config picks."""
+    total = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, m in layer_linears(layer).items():
+            k = m.n_salient if isinstance(m, SalientColumns) else salient_count(config.salient, m.in_features, f"model.layers.{i}.{name}")
+            total += k * m.out_features
+    return total
+
+
+def lora_rank_for(model, n_params: int) -> int:
+    """The LoRA rank on all projections with about n_params parameters."""
+    per_rank = sum(m.in_features + m.out_features for layer in decoder_layers(model) for m in layer_linears(layer).values())
+    return max(1, round(n_params / per_rank))
+
+
+def add_lora(model, rank: int):
+    """peft LoRA adapters on every projection (QuantLinears included); the base stays frozen."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    class QuantLoraLinear(GPTQLoraLinear):
+        """peft's wrapper for unmergeable quantized layers: output of the layer plus the adapter's."""
+
+        def _get_in_out_features(self, base_layer):
+            return base_layer.in_features, base_layer.out_features
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[n.split(".")[-1] for n in LINEAR_NAMES])
+    config._register_custom_module({QuantLinear: QuantLoraLinear})
+    try:
+        return get_peft_model(model, config)
+    except ImportError as e:  # peft refuses every layer when gptqmodel is installed without optimum
+        raise QRecoverError(f"peft could not add LoRA adapters ({e}); install what it names, e.g. pip install 'optimum>=1.24'") from e
+
+
+def merge_salient(model) -> None:
+    """Turn SalientLinears back into nn.Linear with the trained columns written in."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SalientLinear):
+            set_submodule(model, name, module.merged())
+
+
+def finish_gift(model) -> None:
+    """Leave training mode: no noise, salient columns back in their storage dtype."""
+    for m in salient_modules(model):
+        m.noise = None
+        m.salient_weight = nn.Parameter(m.salient_weight.detach().to(m.storage_dtype), requires_grad=False)
+
+
+def recovery_summary(config: RecoverConfig, data: str, examples, trainable: int, seconds: float) -> dict:
+    return {
+        **config.to_dict(), "data": str(data), "examples": len(examples.items), "example_kind": examples.kind,
+        "truncated": examples.truncated, "dropped": examples.dropped, "trainable_params": trainable,
+        "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -1,0 +1,229 @@
+"""The training loop behind recovery: AdamW, cosine schedule with warm-up, gradient accumulation
+and clipping, bf16 autocast on GPU (fp32 on CPU), multi-GPU through `accelerate`, a progress bar,
+a JSON loss log, and checkpoints that resume exactly (trainable tensors, optimizer, schedule
+position, data position; the noise is a function of the step, see noise.py).
+
+Checkpoints live in a work directory: each one is a step-NNNNNN folder, and `state.json` (written
+last, atomically) names the latest complete one, so an interrupted save never corrupts a resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .errors import QRecoverError
+from .train_data import BatchOrder, collate
+from .utils import atomic_write_json
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.03  # fraction of the steps
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    save_every: int = 50  # steps between resumable checkpoints (0: none)
+    seed: int = 0
+    explode_factor: float = 10.0  # stop when a loss exceeds this times the mean of the first steps
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise QRecoverError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise QRecoverError(f"learning rate {self.lr} must be positive")
+        if not 0 <= self.warmup < 1:
+            raise QRecoverError(f"warm-up fraction {self.warmup} must be in [0, 1)")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    log: list = field(default_factory=list)
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    """The optimizer state as (tensors for safetensors, the rest for JSON)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class WorkDir:
+    """Resumable checkpoints of a training run."""
+
+    def __init__(self, path, settings: dict):
+        self.path = Path(path) if path else None
+        self.settings = settings
+
+    def load(self, model, optimizer) -> TrainState:
+        if self.path is None or not (self.path / "state.json").is_file():
+            return TrainState()
+        saved = json.loads((self.path / "state.json").read_text())
+        changed = {k for k in set(saved["settings"]) | set(self.settings) if saved["settings"].get(k) != self.settings.get(k)}
+        if changed:
+            diff = ", ".join(f"{k}: saved {saved['settings'].get(k)!r}, now {self.settings.get(k)!r}" for k in sorted(changed))
+            raise QRecoverError(
+                f"{self.path} holds an interrupted run with other settings ({diff}); rerun with the saved "
+                "settings to resume, or delete the directory to start over"
+            )
+        folder = self.path / saved["checkpoint"]
+        trainable = load_file(folder / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        for name, value in trainable.items():
+            params[name].data.copy_(value)
+        _restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), saved["optimizer"])
+        torch.set_rng_state(load_file(folder / "rng.safetensors")["cpu"])
+        return TrainState(step=saved["step"], log=saved["log"])
+
+    def save(self, model, optimizer, state: TrainState) -> None:
+        if self.path is None:
+            return
+        name = f"step-{state.step:06d}"
+        folder = self.path / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(folder / "trainable.safetensors"))
+        tensors, meta = _optimizer_tensors(optimizer)
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        save_file({"cpu": torch.get_rng_state()}, str(folder / "rng.safetensors"))
+        atomic_write_json(
+            self.path / "state.json",
+            {"step": state.step, "checkpoint": name, "settings": self.settings, "optimizer": meta, "log": state.log},
+        )
+        for old in self.path.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @property
+    def latest_step(self) -> int | None:
+        if self.path is None or not (self.path / "state.json").is_file():
+            return None
+        return json.loads((self.path / "state.json").read_text())["step"]
+
+
+def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, work_dir=None, clock=None, progress=True) -> TrainState:
+    """Train the parameters of `model` that require grad; returns the final state with its loss log."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="bf16" if cuda else "no")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise QRecoverError("nothing to train: the model has no trainable parameters (no salient columns?)")
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    work = WorkDir(work_dir if accelerator.is_main_process else None, settings)
+    state = work.load(model, optimizer)
+    # The schedule is a pure function of the step: a resumed run starts where the saved one stopped.
+    scheduler = cosine_with_warmup(optimizer, math.ceil(config.warmup * config.steps), config.steps, state.step)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    order = BatchOrder(len(examples.items), config.batch_size, config.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    reference = [r["loss"] for r in state.log[:5]]
+    bar = tqdm(total=config.steps, initial=state.step, desc="recovery steps", disable=not (progress and accelerator.is_main_process))
+    last_saved = work.latest_step
+    while state.step < config.steps:
+        start, losses, tokens = time.perf_counter(), [], 0
+        for micro in range(config.grad_accum):
+            position = (state.step * config.grad_accum + micro) * world + rank
+            batch = collate([examples.items[i] for i in order.indices(position)], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum()) * world
+            if clock is not None:
+                clock.step = position
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    _stop(f"the loss became {loss.item()} at step {state.step + 1}", last_saved, work)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if accelerator.sync_gradients else None
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(float(accelerator.reduce(loss.detach(), "mean")))
+        scheduler.step()
+        state.step += 1
+        loss = sum(losses) / len(losses)
+        if len(reference) >= 5 and loss > config.explode_factor * (sum(reference) / len(reference)):
+            _stop(f"the loss exploded to {loss:.3f} at step {state.step} (first steps: {sum(reference) / len(reference):.3f})", last_saved, work)
+        reference = reference if len(reference) >= 5 else reference + [loss]
+        seconds = time.perf_counter() - start
+        state.log.append({
+            "step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens, "seconds": round(seconds, 3),
+        })
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
+        if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
+            accelerator.wait_for_everyone()
+            work.save(accelerator.unwrap_model(model), optimizer, state)
+            last_saved = state.step
+    bar.close()
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return state
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int, start: int = 0):
+    """Linear warm-up to the peak over `warmup` steps (the first step already trains), then cosine decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
+
+
+def _stop(what: str, last_saved, work: WorkDir):
+    where = f"the last good checkpoint is step {last_saved} in {work.path}" if last_saved else "no checkpoint was saved yet"
+    raise QRecoverError(f"{what}; stopped ({where}); lower --lr or check the data")
+
+
+def plot_loss(log: list, path) -> None:
+    """A PNG of the training loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
