@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
+from .eval.zeroshot import TASKS as ZEROSHOT_TASKS
 from .jobs import DTYPES
 from .noise import NOISE_KINDS
 from .recover import METHODS as RECOVER_METHODS
@@ -88,28 +90,65 @@ def _run_quantize(args):
     print(json.dumps(summary))
 
 
+def _task_file(text: str):
+    """TASK=PATH -> (task, path)."""
+    task, sep, path = text.partition("=")
+    if not sep or not task or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TASK=PATH")
+    return task.strip(), path
+
+
 def _add_eval(sub):
     p = sub.add_parser(
         "eval",
-        help="perplexity of a qrecover checkpoint or an ordinary model",
+        help="perplexity or zero-shot accuracy of a qrecover checkpoint or an ordinary model",
         description="Perplexity with the standard protocol: the text tokenized once, non-overlapping "
-        "windows of --seqlen tokens, exp of the mean next-token loss. Writes a JSON report.",
+        "windows of --seqlen tokens, exp of the mean next-token loss. With --tasks or --task-file: "
+        "zero-shot accuracy through lm-eval instead (acc_norm for ARC, HellaSwag, PIQA; acc for "
+        "WinoGrande, BoolQ; and their mean). Writes a JSON report.",
     )
     p.add_argument("path", help="qrecover checkpoint directory, HF model directory, .gguf file, hub id or smollm2-135m")
     p.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, c4, ptb, pile, or a .txt/.jsonl file (default wikitext2 test)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from {','.join(ZEROSHOT_TASKS)}; "
+                   "'all' = the six (datasets from the Hugging Face hub unless --task-file gives a local one)")
+    p.add_argument("--task-file", type=_task_file, action="append", default=[], metavar="TASK=PATH",
+                   help="run TASK offline on a local .jsonl in its original format, e.g. arc_easy=ARC-Easy-Test.jsonl "
+                   "(AI2 format), piqa=valid.jsonl (goal/sol1/sol2/label); repeatable")
+    p.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="zero-shot: requests per forward pass (default 32)")
     p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the unquantized tensors (default: as stored)")
-    p.add_argument("--report", help="JSON report path (default: eval_<dataset>.json inside a model directory)")
+    p.add_argument("--report", help="JSON report path (default: eval_<dataset>.json, or eval_zeroshot.json, inside a model directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args):
+    if args.tasks or args.task_file:
+        return _run_zeroshot(args)
     from .jobs import evaluate
 
     result = evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report, not args.quiet)
+    print(json.dumps(result))
+
+
+def _run_zeroshot(args):
+    from pathlib import Path
+
+    from .eval.zeroshot import zeroshot
+    from .jobs import parse_dtype
+    from .utils import atomic_write_json
+
+    tasks = None if args.tasks in (None, "all") else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    task_files = dict(args.task_file)
+    if len(task_files) < len(args.task_file):
+        raise QRecoverError("--task-file names a task twice")
+    result = zeroshot(args.path, tasks, task_files, args.limit, batch_size=args.batch_size, device=args.device, dtype=parse_dtype(args.dtype))
+    report = args.report or (Path(args.path) / "eval_zeroshot.json" if Path(args.path).is_dir() else None)
+    if report is not None:
+        atomic_write_json(report, result)
     print(json.dumps(result))
 
 
@@ -165,15 +204,80 @@ def _run_recover(args):
         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed,
     )
     config = RecoverConfig(
-        method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
+        data=args.data, method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
         max_length=args.max_length, train_norms=args.train_norms, lora_rank=args.lora_rank,
         salient=args.salient, metric=args.metric, train=train,
     )
-    result = recover(args.model, args.data, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)
+    result = recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)
     summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
     for name, value in result.get("eval", {}).items():
         summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
     print(json.dumps(summary))
+
+
+def _add_run(sub):
+    p = sub.add_parser(
+        "run",
+        help="run a recipe: quantize -> recover -> evaluate -> export, resumable",
+        description="Run the chain a YAML recipe describes (see recipes/). Finished stages are kept "
+        "under <out>/stages and skipped on a rerun; an interrupted stage resumes where it stopped. "
+        "The final checkpoint is <out>/model and the numbers are in <out>/summary.json.",
+    )
+    p.add_argument("recipe", help="path of the recipe YAML file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_recipe)
+
+
+def _run_recipe(args):
+    from .recipes import load_recipe, run_recipe
+
+    summary = run_recipe(load_recipe(args.recipe), progress=not args.quiet)
+    print(json.dumps({"model": summary["model"], "evaluate": summary.get("evaluate")}))
+
+
+def _csv(cast):
+    return lambda text: [cast(v) for v in text.split(",") if v.strip()]
+
+
+def _add_compare(sub):
+    from .compare import METHODS as COMPARE_METHODS, PRESETS
+
+    p = sub.add_parser(
+        "compare",
+        help="qrecover against RTN, GPTQ (GPTQModel), AWQ and LoRA on your model and data",
+        description="Quantize MODEL at each bit width with every method on the same calibration data, "
+        "evaluate all of them, and write comparison.md/.csv/.json and plots to --out. Each stage runs "
+        "in its own process; finished stages are reused on a rerun. Methods whose package is missing "
+        "are skipped with a line saying how to install it.",
+    )
+    p.add_argument("model", help="HF model directory, hub id or smollm2-135m")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--bits", type=_csv(int), default=[4, 3, 2], help="comma-separated bit widths (default 4,3,2)")
+    p.add_argument("--methods", type=_csv(str), default=list(COMPARE_METHODS), help=f"comma-separated subset of {','.join(COMPARE_METHODS)}")
+    p.add_argument("--preset", default="reduced", choices=sorted(PRESETS),
+                   help="budget: reduced (16 x 512 calibration, 20 recovery steps of 2 x 512, 4 eval windows; "
+                   "about an hour for 3 bit widths on 2 CPU cores) or full (128 x 2048, 100 steps of 4 x 512, all windows)")
+    p.add_argument("--group-size", type=int, default=128, help="group size of every method (AWQ falls back to 64/32 when needed)")
+    p.add_argument("--salient", default="3%", help="salient columns of the qrecover methods (default 3%%)")
+    p.add_argument("--calib", default="wikitext2", help="calibration text shared by all methods")
+    p.add_argument("--train-data", default="wikitext2", help="recovery training data (gift, lora)")
+    p.add_argument("--eval", dest="eval_datasets", type=_csv(str), default=["wikitext2"], help="comma-separated perplexity texts")
+    p.add_argument("--tasks", type=_csv(str), default=[], help="zero-shot tasks, comma-separated (lm-eval names or NAME=PATH)")
+    p.add_argument("--limit", type=int, help="zero-shot examples per task")
+    p.add_argument("--device", help="compute device for quantization and training")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args):
+    from .compare import Comparison, run_compare
+
+    cmp = Comparison(
+        model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,
+        group_size=args.group_size, salient=args.salient, calib=args.calib, train_data=args.train_data,
+        eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, device=args.device,
+    )
+    run_compare(cmp)
+    print((Path(args.out) / "comparison.md").read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,9 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qrecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
     _add_quantize(sub)
     _add_recover(sub)
     _add_eval(sub)
+    _add_compare(sub)
     return parser
 
 

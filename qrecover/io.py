@@ -178,17 +178,8 @@ def _read_tensors(path: Path) -> dict:
     return tensors
 
 
-def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer, QuantConfig) of a checkpoint format v1 directory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    path = Path(path)
-    if not path.is_dir():
-        raise QRecoverError(f"checkpoint {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise QRecoverError(f"{path} has no config.json: not a checkpoint")
-    qc = read_config(path).get("quantization_config")
+def check_quantization_config(qc: dict | None, path) -> None:
+    """Refuse a config.json quantization_config that is not qrecover's checkpoint format v1."""
     if not qc or qc.get("quant_method") != "qrecover":
         found = (qc or {}).get("quant_method", "none")
         raise QRecoverError(f"{path} is not a qrecover checkpoint (quant_method: {found})")
@@ -198,13 +189,15 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
             f"{path} uses checkpoint format version {version}; this qrecover ({__version__}) reads "
             f"version {FORMAT_VERSION}: upgrade qrecover"
         )
-    config = config_from_checkpoint(qc)
-    tensors = _read_tensors(path)
 
-    hf_config = AutoConfig.from_pretrained(path)
-    del hf_config.quantization_config  # the skeleton is an ordinary model; QuantLinears go in below
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config)
+
+def install_quant_linears(model, tensors: dict, config: QuantConfig, path) -> list[str]:
+    """Replace every quantizable linear of model by a QuantLinear built from its checkpoint tensors.
+
+    Takes the layers' tensors out of `tensors` (the rest belongs to the other modules) and returns
+    the module prefixes it replaced. Tensors on the meta device give empty layers of the right
+    shapes and dtypes, checked the same way, for a loader that fills them in afterwards.
+    """
     quantized = []
     for i, layer in enumerate(decoder_layers(model)):
         for short, linear in layer_linears(layer).items():
@@ -221,6 +214,29 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
                     f"{linear.in_features}->{linear.out_features}"
                 )
             set_submodule(layer, short, q)
+    return quantized
+
+
+def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, QuantConfig) of a checkpoint format v1 directory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise QRecoverError(f"checkpoint {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise QRecoverError(f"{path} has no config.json: not a checkpoint")
+    qc = read_config(path).get("quantization_config")
+    check_quantization_config(qc, path)
+    config = config_from_checkpoint(qc)
+    tensors = _read_tensors(path)
+
+    hf_config = AutoConfig.from_pretrained(path)
+    del hf_config.quantization_config  # the skeleton is an ordinary model; QuantLinears go in below
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    quantized = install_quant_linears(model, tensors, config, path)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     result = model.load_state_dict(tensors, strict=False, assign=True)
@@ -240,7 +256,12 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
 
 
 def load(spec, device="cpu", dtype=None):
-    """(model, tokenizer) of a qrecover checkpoint or of an ordinary model spec."""
+    """(model, tokenizer) of a qrecover checkpoint, a LoRA adapter on one, or an ordinary model spec."""
+    if (Path(spec) / "adapter_config.json").is_file():
+        from .recover import load_lora
+
+        model, tokenizer = load_lora(spec)
+        return model.to(device), tokenizer
     if is_checkpoint(spec):
         model, tokenizer, _ = load_checkpoint(spec, device, None if dtype == "auto" else dtype)
         return model, tokenizer

@@ -98,7 +98,6 @@ def evaluate(
 
 def recover(
     model: str,
-    data: str,
     out: str | Path,
     config: RecoverConfig,
     device=None,
@@ -107,7 +106,7 @@ def recover(
     eval_windows: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Recover a qrecover checkpoint (or fine-tune an ordinary model) on `data`; save to `out`.
+    """Recover a qrecover checkpoint (or fine-tune an ordinary model) on config.data; save to `out`.
 
     Resumes from `<out>.qrecover-work` when an earlier run with the same settings was interrupted.
     """
@@ -122,7 +121,7 @@ def recover(
     else:
         net, tokenizer = load_pretrained(model, dtype=torch.float32)
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    examples = load_examples(data, tokenizer, config.max_length)
+    examples = load_examples(config.data, tokenizer, config.max_length)
     if examples.truncated or examples.dropped:
         print(
             f"qrecover: {examples.truncated} examples were longer than {config.max_length} tokens and were "
@@ -138,12 +137,12 @@ def recover(
         config.lora_rank = rank
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     net.to(device)
-    settings = {"model": str(model), "data": str(data), **{k: v for k, v in config.to_dict().items() if k != "train"}}
+    settings = {"model": str(model), **{k: v for k, v in config.to_dict().items() if k != "train"}}
     settings.update({k: v for k, v in config.to_dict()["train"].items() if k != "save_every"})
     state = train(net, examples, pad_id, config.train, settings, work_dir_for(out), clock, progress)
     net = net.cpu()
 
-    summary = recovery_summary(config, data, examples, trainable, time.perf_counter() - start)
+    summary = recovery_summary(config, examples, trainable, time.perf_counter() - start)
     summary["peak_memory_mb"] = peak_memory_mb(device)
 
     def extras(tmp: Path):
@@ -157,8 +156,10 @@ def recover(
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
         save_checkpoint(net, tokenizer, out, qconfig, report=report, recovery=summary, overwrite=overwrite, extras=extras)
     elif is_quantized(net):
-        # LoRA on a quantized model: the adapter cannot be merged into packed weights; save it (peft format).
-        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), extras(tmp)), overwrite)
+        # LoRA on a quantized model: the adapter cannot be merged into packed weights; save it (peft
+        # format) with the path of its base checkpoint, which qrecover.load follows.
+        net.peft_config["default"].base_model_name_or_path = str(Path(model).resolve())
+        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), tokenizer.save_pretrained(tmp), extras(tmp)), overwrite)
     else:
         if config.method == "lora":
             net = net.merge_and_unload()

@@ -33,6 +33,7 @@ METHODS = ("gift", "lora", "full")
 
 @dataclass
 class RecoverConfig:
+    data: str = "default"  # training text or conversations (see train_data.py)
     method: str = "gift"
     noise: str = "gaussian"
     noise_scale: float = 1.0
@@ -156,6 +157,27 @@ def add_lora(model, rank: int):
         raise QRecoverError(f"peft could not add LoRA adapters ({e}); install what it names, e.g. pip install 'optimum>=1.24'") from e
 
 
+def load_lora(adapter_dir):
+    """(model, tokenizer) of a LoRA adapter saved on top of a qrecover checkpoint (peft format)."""
+    import json
+    from pathlib import Path
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .io import load_checkpoint
+
+    adapter_dir = Path(adapter_dir)
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = settings.get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise QRecoverError(f"{adapter_dir}: its base checkpoint {base!r} is not a directory here")
+    model, tokenizer, _ = load_checkpoint(base)
+    model = add_lora(model, settings["r"])
+    set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors"))
+    return model.eval(), tokenizer
+
+
 def merge_salient(model) -> None:
     """Turn SalientLinears back into nn.Linear with the trained columns written in."""
     for name, module in list(model.named_modules()):
@@ -170,9 +192,9 @@ def finish_gift(model) -> None:
         m.salient_weight = nn.Parameter(m.salient_weight.detach().to(m.storage_dtype), requires_grad=False)
 
 
-def recovery_summary(config: RecoverConfig, data: str, examples, trainable: int, seconds: float) -> dict:
+def recovery_summary(config: RecoverConfig, examples, trainable: int, seconds: float) -> dict:
     return {
-        **config.to_dict(), "data": str(data), "examples": len(examples.items), "example_kind": examples.kind,
+        **config.to_dict(), "examples": len(examples.items), "example_kind": examples.kind,
         "truncated": examples.truncated, "dropped": examples.dropped, "trainable_params": trainable,
         "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -192,7 +192,7 @@ def test_bad_training_input(quantized_tiny, tiny_tokenizer, tmp_path):
     quantize_model(model, torch.randint(0, 250, (2, 32)), cfg, progress=False)
     plain = save_checkpoint(model, tiny_tokenizer, tmp_path / "plain", cfg)
     with pytest.raises(QRecoverError, match="no salient columns: nothing to train"):
-        recover(str(plain), "default", tmp_path / "r", RecoverConfig(max_length=64, train=TrainConfig(steps=1)), progress=False)
+        recover(str(plain), tmp_path / "r", RecoverConfig(max_length=64, train=TrainConfig(steps=1)), progress=False)
 
 
 def test_nan_loss_stops_and_names_the_step(quantized_tiny, tiny_tokenizer, tmp_path):
@@ -226,7 +226,7 @@ def test_unquantized_model_recovers_and_merges(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = RecoverConfig(salient=8, max_length=64, train=TrainConfig(steps=3, batch_size=2, lr=1e-2))
-    result = recover(str(tiny_model_dir), "default", tmp_path / "ft", config, progress=False)
+    result = recover(str(tiny_model_dir), tmp_path / "ft", config, progress=False)
     out = tmp_path / "ft"
     assert result["recovery"]["trainable_params"] == 2 * 8 * (80 * 2 + 40 * 2 + 144 * 2 + 80)
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -261,7 +261,7 @@ def test_unquantized_baselines_export_ordinary_models(method, tiny_model_dir, tm
     from transformers import AutoModelForCausalLM
 
     config = RecoverConfig(method=method, salient=8, max_length=64, train=TrainConfig(steps=2, batch_size=2, lr=1e-2))
-    result = recover(str(tiny_model_dir), "default", tmp_path / method, config, progress=False)
+    result = recover(str(tiny_model_dir), tmp_path / method, config, progress=False)
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / method)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters()))

@@ -65,8 +65,8 @@ def test_quantize_save_load_evaluate(reference, w4_checkpoint):
 def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_checkpoint, tmp_path):
     _, _, tokens, full = reference
     _, path = w4_checkpoint
-    config = RecoverConfig(max_length=256, train=TrainConfig(steps=2, batch_size=2, lr=1e-4))
-    result = recover(str(path), "wikitext2", tmp_path / "rec", config, progress=False)
+    config = RecoverConfig(data="wikitext2", max_length=256, train=TrainConfig(steps=2, batch_size=2, lr=1e-4))
+    result = recover(str(path), tmp_path / "rec", config, progress=False)
     assert result["recovery"]["trainable_params"] == 30 * (17 * (576 * 2 + 192 * 2 + 1536 * 2) + 46 * 576)
     loaded, _, _ = load_checkpoint(tmp_path / "rec")
     qc = json.loads((tmp_path / "rec" / "config.json").read_text())["quantization_config"]

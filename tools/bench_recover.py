@@ -57,11 +57,11 @@ def run_one(args) -> dict:
         method, noise = METHODS[kind]
         lr = args.lr_lora if method == "lora" else args.lr
         config = RecoverConfig(
-            method=method, noise=noise, max_length=args.seqlen,
+            data="wikitext2", method=method, noise=noise, max_length=args.seqlen,
             train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, save_every=0, seed=0),
         )
         with tempfile.TemporaryDirectory() as tmp:
-            out = recover(str(checkpoint), "wikitext2", Path(tmp) / "out", config, progress=False,
+            out = recover(str(checkpoint), Path(tmp) / "out", config, progress=False,
                           eval_dataset="wikitext2", eval_windows=args.windows)
         result.update({
             "trainable_params": out["recovery"]["trainable_params"], "lr": lr,

@@ -1,0 +1,276 @@
+"""`qrecover compare`: qrecover side by side with the baselines users know, on their model and data.
+
+For every bit width, on the same calibration tokens:
+    rtn        round-to-nearest (qrecover, no salient columns)
+    gptq       GPTQ (qrecover, k = 0)
+    gptqmodel  GPTQ through GPTQModel, when installed
+    awq        AWQ through GPTQModel, when installed
+    salient    qrecover with salient columns, before recovery
+    gift       the same after GIFT-SW recovery
+    lora       the same after LoRA recovery (about as many trainable parameters)
+Each stage runs in its own process (its own peak memory) and leaves `<out>/runs/<method>-w<bits>/`
+with its checkpoint and `result.json`; a rerun with the same settings reuses finished stages.
+The table goes to comparison.md / .csv / .json, with a perplexity-vs-bits plot and the recovery
+loss curves.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import QRecoverError
+from .utils import atomic_write_json
+
+METHODS = ("rtn", "gptq", "gptqmodel", "awq", "salient", "gift", "lora")
+PEER_PACKAGE = {"gptqmodel": "gptqmodel", "awq": "gptqmodel"}
+
+
+@dataclass
+class Preset:
+    nsamples: int
+    seqlen: int
+    eval_windows: int | None
+    steps: int
+    batch_size: int
+    max_length: int
+    lr: float = 1e-4
+    lr_lora: float = 1e-4
+
+
+PRESETS = {
+    # Sized for three bit widths within an hour on 2 CPU cores (SmolLM2-135M).
+    "reduced": Preset(nsamples=16, seqlen=512, eval_windows=4, steps=20, batch_size=2, max_length=512),
+    # The usual quantization protocol; recovery as in tools/bench_recover.py.
+    "full": Preset(nsamples=128, seqlen=2048, eval_windows=None, steps=100, batch_size=4, max_length=512),
+}
+
+
+@dataclass
+class Comparison:
+    model: str
+    out: str
+    bits: list = field(default_factory=lambda: [4, 3, 2])
+    methods: list = field(default_factory=lambda: list(METHODS))
+    preset: str = "reduced"
+    group_size: int = 128
+    salient: str = "3%"
+    calib: str = "wikitext2"
+    train_data: str = "wikitext2"
+    eval_datasets: list = field(default_factory=lambda: ["wikitext2"])
+    tasks: list = field(default_factory=list)
+    limit: int | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise QRecoverError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise QRecoverError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        for b in self.bits:
+            if b not in (2, 3, 4, 8):
+                raise QRecoverError(f"bits {b} is not one of 2, 3, 4, 8")
+
+
+def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:
+    return Path(cmp.out) / "runs" / f"{method}-w{bits}"
+
+
+def _digest(cmp: Comparison, method: str, bits: int) -> str:
+    settings = asdict(cmp) | {"method": method, "bits": bits, "preset_values": asdict(PRESETS[cmp.preset])}
+    for key in ("out", "methods"):
+        settings.pop(key)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def missing_package(method: str) -> str | None:
+    package = PEER_PACKAGE.get(method)
+    if package and importlib.util.find_spec(package) is None:
+        return f"skipped {method}: the {package} package is not installed (pip install {package})"
+    return None
+
+
+def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
+    """Run what is missing, then write the table, files and plots; returns the rows."""
+    rows = []
+    for bits in cmp.bits:
+        for method in [m for m in METHODS if m in cmp.methods]:
+            skip = missing_package(method)
+            if skip:
+                print(f"qrecover compare: {skip}", file=sys.stderr)
+                continue
+            where = stage_dir(cmp, method, bits)
+            result_path = where / "result.json"
+            digest = _digest(cmp, method, bits)
+            if result_path.is_file() and json.loads(result_path.read_text()).get("digest") == digest:
+                rows.append(json.loads(result_path.read_text()))
+                continue
+            if method in ("gift", "lora"):
+                _ensure(cmp, "salient", bits, rows)
+            if progress:
+                print(f"qrecover compare: {method} at {bits} bits ...", file=sys.stderr, flush=True)
+            spec = {"comparison": asdict(cmp), "method": method, "bits": bits, "digest": digest}
+            done = subprocess.run([sys.executable, "-m", "qrecover.compare", json.dumps(spec)], capture_output=True, text=True)
+            if done.returncode != 0 or not result_path.is_file():
+                tail = (done.stderr or done.stdout)[-3000:]
+                raise QRecoverError(f"compare stage {method} at {bits} bits failed:\n{tail}")
+            rows.append(json.loads(result_path.read_text()))
+    write_outputs(cmp, rows)
+    return rows
+
+
+def _ensure(cmp: Comparison, method: str, bits: int, rows: list) -> None:
+    """Recovery stages start from the salient checkpoint: run that stage first if needed."""
+    if not (stage_dir(cmp, method, bits) / "result.json").is_file():
+        run_compare(Comparison(**(asdict(cmp) | {"bits": [bits], "methods": [method]})), progress=True)
+
+
+def run_stage(spec: dict) -> None:
+    """One stage, in its own process: quantize or recover, evaluate, write result.json."""
+    import resource
+
+    import torch
+
+    from . import jobs
+    from .config import QuantConfig
+    from .footprint import stored_bits
+    from .io import load
+    from .recover import RecoverConfig, load_lora
+    from .train import TrainConfig
+
+    cmp = Comparison(**spec["comparison"])
+    method, bits = spec["method"], spec["bits"]
+    preset = PRESETS[cmp.preset]
+    where = stage_dir(cmp, method, bits)
+    checkpoint = where / "model"
+    result = {"method": method, "bits": bits, "digest": spec["digest"], "preset": cmp.preset}
+    model = tokenizer = None
+    start = time.perf_counter()
+    if method in ("rtn", "gptq", "salient"):
+        config = QuantConfig(
+            bits=bits, group_size=cmp.group_size, method="rtn" if method == "rtn" else "gptq",
+            salient=cmp.salient if method == "salient" else 0,
+        )
+        report = jobs.quantize(cmp.model, checkpoint, config, calib=cmp.calib, nsamples=preset.nsamples,
+                               seqlen=preset.seqlen, device=cmp.device, overwrite=True, progress=False)
+        result["quantize_seconds"] = report["seconds"]
+    elif method in ("gift", "lora"):
+        config = RecoverConfig(
+            data=cmp.train_data, method="gift" if method == "gift" else "lora", max_length=preset.max_length,
+            train=TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
+                              lr=preset.lr if method == "gift" else preset.lr_lora, save_every=0),
+        )
+        out = jobs.recover(str(stage_dir(cmp, "salient", bits) / "model"), checkpoint, config, cmp.device, overwrite=True, progress=False)
+        result["recover_seconds"] = out["recovery"]["seconds"]
+        result["trainable_params"] = out["recovery"]["trainable_params"]
+    else:
+        from .peers import peer_quantize
+
+        result["quantize_seconds"], result["group_size"], model, tokenizer = peer_quantize(method, cmp, bits, preset, checkpoint)
+    result["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if method == "lora":  # the adapter is stored beside the unchanged quantized base
+        bits_, weights = stored_bits(stage_dir(cmp, "salient", bits) / "model")
+        bits_ += stored_bits(checkpoint, adapter=True)[0]
+        model, tokenizer = load_lora(checkpoint)
+    else:
+        bits_, weights = stored_bits(checkpoint)
+    result["bits_per_weight"] = round(bits_ / weights, 4)
+    if model is None:
+        model, tokenizer = load(checkpoint, device=cmp.device or "cpu")
+    result.update(_evaluate(cmp, model, tokenizer, preset))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    atomic_write_json(where / "result.json", result)
+
+
+def _evaluate(cmp: Comparison, model, tokenizer, preset: Preset) -> dict:
+    from .data import eval_tokens, source_label
+    from .eval.perplexity import perplexity
+
+    results = {}
+    for dataset in cmp.eval_datasets:
+        ppl = perplexity(model, eval_tokens(tokenizer, dataset), max_windows=preset.eval_windows, progress=False)
+        results[f"{source_label(dataset)}_perplexity"] = ppl["perplexity"]
+    if cmp.tasks:
+        from .eval.zeroshot import zeroshot
+
+        results["zeroshot"] = zeroshot(model, tokenizer, cmp.tasks, limit=cmp.limit)
+    return results
+
+
+def write_outputs(cmp: Comparison, rows: list[dict]) -> None:
+    out = Path(cmp.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ppl_keys = [f"{Path(d).stem}_perplexity" for d in cmp.eval_datasets]
+    columns = ["bits", "method", "bits_per_weight", *ppl_keys, "quantize_seconds", "recover_seconds", "peak_memory_mb"]
+    if cmp.tasks:
+        columns.append("zeroshot_mean")
+    for row in rows:
+        if "zeroshot" in row:
+            row["zeroshot_mean"] = row["zeroshot"].get("mean")
+    with open(out / "comparison.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_json(out / "comparison.json", {"comparison": asdict(cmp), "preset": asdict(PRESETS[cmp.preset]), "rows": rows})
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    _plots(out, rows, ppl_keys[0] if ppl_keys else None)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _plots(out: Path, rows: list[dict], key: str | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if key:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for method in METHODS:
+            points = sorted((r["bits_per_weight"], r[key]) for r in rows if r["method"] == method and key in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xlabel("bits per weight (all stored tensors)")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "perplexity_vs_bits.png")
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for row in rows:
+        log = stage_dir_from_row(out, row) / "model" / "recovery_log.json"
+        if log.is_file():
+            steps = json.loads(log.read_text())["log"]
+            ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=f"{row['method']} w{row['bits']}")
+    if ax.lines:
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "recovery_loss.png")
+    plt.close(fig)
+
+
+def stage_dir_from_row(out: Path, row: dict) -> Path:
+    return out / "runs" / f"{row['method']}-w{row['bits']}"
+
+
+if __name__ == "__main__":
+    run_stage(json.loads(sys.argv[1]))

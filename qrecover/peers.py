@@ -1,0 +1,51 @@
+"""The baselines users already know, through the maintained package that implements them:
+GPTQ and AWQ from GPTQModel (CPU kernels: BACKEND.TORCH and BACKEND.TORCH_AWQ)."""
+from __future__ import annotations
+
+import os
+import time
+
+from .errors import QRecoverError
+
+
+def awq_group_size(model, wanted: int) -> int:
+    """GPTQModel's AWQ needs groups that divide every input width; the largest of wanted, 64, 32 that does."""
+    from .models import decoder_layers, layer_linears
+
+    widths = {m.in_features for m in layer_linears(decoder_layers(model)[0]).values()}
+    for g in (wanted, 64, 32):
+        if all(w % g == 0 for w in widths):
+            return g
+    raise QRecoverError(f"no AWQ group size in ({wanted}, 64, 32) divides the input widths {sorted(widths)}")
+
+
+def peer_quantize(method: str, cmp, bits: int, preset, checkpoint):
+    """(quantize seconds, group size, model, tokenizer): quantize with GPTQModel, save, load for evaluation."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 2))
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
+
+    from .data import calibration_samples
+    from .models import load_pretrained, resolve_model
+
+    where, gguf = resolve_model(cmp.model)
+    if gguf:
+        raise QRecoverError("GPTQModel needs an ordinary model directory; convert the GGUF file first (qrecover.convert_gguf)")
+    reference, tokenizer = load_pretrained(where)
+    group_size = cmp.group_size
+    if method == "awq":
+        group_size = awq_group_size(reference, cmp.group_size)
+        config, backend = AWQConfig(bits=bits, group_size=group_size, sym=False), BACKEND.TORCH_AWQ
+    else:
+        config, backend = QuantizeConfig(bits=bits, group_size=group_size, sym=True, desc_act=False), BACKEND.TORCH
+    del reference
+    samples = calibration_samples(tokenizer, cmp.calib, preset.nsamples, preset.seqlen, seed=0)
+    calibration = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
+    peer = GPTQModel.load(where, config, device="cpu")
+    start = time.perf_counter()
+    peer.quantize(calibration, batch_size=1)
+    seconds = round(time.perf_counter() - start, 2)
+    peer.save(str(checkpoint))
+    del peer
+    model = GPTQModel.load(str(checkpoint), backend=backend, device="cpu").model
+    return seconds, group_size, model.eval(), tokenizer

@@ -1,0 +1,186 @@
+"""Recipes: a YAML file describing a whole quantize -> recover -> evaluate -> export chain.
+
+The sections map 1:1 onto the dataclasses: `quantize` onto QuantConfig, `recover` onto
+RecoverConfig (its `train` onto TrainConfig). Stages run in order and are resumable: each finished
+stage leaves its output under `<out>/stages/` with a marker holding the settings it ran with, so a
+rerun skips it, and a changed recipe is refused rather than mixed with old results. Stages that
+are interrupted resume from their own work directories (quantization layer by layer, training
+from its last checkpoint).
+
+    model: smollm2-135m
+    out: runs/smollm2-135m-w3
+    quantize: {bits: 3, group_size: 128, salient: 3%, metric: gift}
+    calibration: {source: default, nsamples: 32, seqlen: 512}
+    recover: {data: default, max_length: 512, train: {steps: 100, batch_size: 4, lr: 1.0e-4}}
+    evaluate: {perplexity: [wikitext2], max_windows: 16}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .config import QuantConfig
+from .errors import QRecoverError
+from .recover import RecoverConfig
+from .train import TrainConfig
+from .utils import atomic_dir, atomic_write_json
+
+
+@dataclass
+class Calibration:
+    source: str = "default"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclass
+class Evaluation:
+    perplexity: list = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: int | None = None
+    tasks: list = field(default_factory=list)  # zero-shot task names, or NAME=PATH for local files
+    limit: int | None = None
+
+
+@dataclass
+class Recipe:
+    model: str
+    out: str
+    quantize: QuantConfig
+    calibration: Calibration = field(default_factory=Calibration)
+    recover: RecoverConfig | None = None
+    evaluate: Evaluation = field(default_factory=Evaluation)
+    device: str | None = None
+
+    def stage_settings(self, stage: str) -> dict:
+        """What a stage depends on: a change in it invalidates that stage and the ones after."""
+        settings = {"model": self.model, "quantize": self.quantize.to_dict(), "calibration": asdict(self.calibration)}
+        if stage in ("recover", "evaluate", "export") and self.recover is not None:
+            settings["recover"] = self.recover.to_dict()
+        if stage == "evaluate":
+            settings["evaluate"] = asdict(self.evaluate)
+        return settings
+
+
+def _section(cls, values, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise QRecoverError(f"{where} must be a mapping of settings")
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise QRecoverError(f"{where} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def load_recipe(path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise QRecoverError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise QRecoverError(f"recipe {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict) or "model" not in raw or "out" not in raw:
+        raise QRecoverError(f"recipe {path} needs at least `model` and `out`")
+    known = {f.name for f in fields(Recipe)}
+    unknown = set(raw) - known
+    if unknown:
+        raise QRecoverError(f"recipe {path} has unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    recover = raw.get("recover")
+    if recover is not None:
+        recover = dict(recover)
+        recover["train"] = _section(TrainConfig, recover.get("train"), f"{path}: recover.train")
+        recover = _section(RecoverConfig, recover, f"{path}: recover")
+    return Recipe(
+        model=str(raw["model"]), out=str(raw["out"]),
+        quantize=_section(QuantConfig, raw.get("quantize"), f"{path}: quantize"),
+        calibration=_section(Calibration, raw.get("calibration"), f"{path}: calibration"),
+        recover=recover,
+        evaluate=_section(Evaluation, raw.get("evaluate"), f"{path}: evaluate"),
+        device=raw.get("device"),
+    )
+
+
+class Stages:
+    """Markers of finished stages under <out>/stages."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.root = Path(recipe.out) / "stages"
+
+    def _digest(self, stage: str) -> str:
+        return hashlib.sha256(json.dumps(self.recipe.stage_settings(stage), sort_keys=True, default=str).encode()).hexdigest()
+
+    def done(self, stage: str) -> bool:
+        marker = self.root / f"{stage}.json"
+        if not marker.is_file():
+            return False
+        if json.loads(marker.read_text())["digest"] != self._digest(stage):
+            raise QRecoverError(
+                f"the recipe changed since stage {stage!r} ran in {self.root.parent}; delete that directory "
+                "to start over, or choose another `out`"
+            )
+        return True
+
+    def finish(self, stage: str, result: dict) -> None:
+        atomic_write_json(self.root / f"{stage}.json", {"digest": self._digest(stage), "result": result})
+
+    def result(self, stage: str) -> dict:
+        return json.loads((self.root / f"{stage}.json").read_text())["result"]
+
+
+def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
+    """Run the chain; returns the summary also written to <out>/summary.json."""
+    from . import jobs
+
+    stages = Stages(recipe)
+    quantized = stages.root / "quantized"
+    if not stages.done("quantize"):
+        c = recipe.calibration
+        report = jobs.quantize(
+            recipe.model, quantized, recipe.quantize, calib=c.source, nsamples=c.nsamples, seqlen=c.seqlen,
+            seed=c.seed, device=recipe.device, batch_size=c.batch_size, overwrite=True, progress=progress,
+        )
+        stages.finish("quantize", {"path": str(quantized), "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]})
+    final = quantized
+    if recipe.recover is not None:
+        final = stages.root / "recovered"
+        if not stages.done("recover"):
+            result = jobs.recover(str(quantized), final, recipe.recover, recipe.device, overwrite=True, progress=progress)
+            stages.finish("recover", {"path": str(final), "seconds": result["recovery"]["seconds"], "final_loss": result["final_loss"]})
+    if not stages.done("evaluate"):
+        stages.finish("evaluate", {"quantized": _evaluate(quantized, recipe, progress), **({"recovered": _evaluate(final, recipe, progress)} if final != quantized else {})})
+    export = Path(recipe.out) / "model"
+    if not stages.done("export"):
+        atomic_dir(export, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True), overwrite=True)
+        stages.finish("export", {"path": str(export)})
+    summary = {
+        "recipe": asdict(recipe),
+        "model": str(export),
+        **{stage: stages.result(stage) for stage in ("quantize", "recover", "evaluate") if (stages.root / f"{stage}.json").is_file()},
+    }
+    atomic_write_json(Path(recipe.out) / "summary.json", summary)
+    return summary
+
+
+def _evaluate(path: Path, recipe: Recipe, progress: bool) -> dict:
+    from .jobs import evaluate
+
+    ev = recipe.evaluate
+    results = {}
+    for dataset in ev.perplexity:
+        results[dataset] = evaluate(str(path), dataset, ev.seqlen, ev.max_windows, recipe.device or "cpu", progress=progress)["perplexity"]
+    if ev.tasks:
+        from .eval.zeroshot import zeroshot
+
+        results["zeroshot"] = zeroshot(str(path), ev.tasks, limit=ev.limit, device=recipe.device or "cpu")
+    return results

@@ -1,0 +1,62 @@
+import csv
+import json
+
+import pytest
+
+from qrecover.compare import Comparison, run_compare, stage_dir
+from qrecover.errors import QRecoverError
+from qrecover.footprint import bits_per_weight
+
+
+def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_path, shared_data, capsys):
+    cmp = Comparison(
+        model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4],
+        methods=["rtn", "gptq", "gptqmodel", "salient", "gift", "lora"], salient="5%",
+    )
+    rows = run_compare(cmp, progress=False)
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"rtn", "gptq", "gptqmodel", "salient", "gift", "lora"}
+    for r in rows:
+        assert r["wikitext2_perplexity"] > 1 and r["peak_memory_mb"] > 0
+    # Real bits per weight: 4-bit codes plus fp16 scales and zeros of 128-column groups and g_idx,
+    # plus 16-bit columns for the salient methods, plus the adapter for LoRA.
+    assert 4.1 < by_method["gptq"]["bits_per_weight"] < 5.0
+    assert by_method["gptq"]["bits_per_weight"] == pytest.approx(by_method["gptqmodel"]["bits_per_weight"], abs=0.01)
+    assert by_method["salient"]["bits_per_weight"] > by_method["gptq"]["bits_per_weight"] + 0.5
+    assert by_method["gift"]["bits_per_weight"] == by_method["salient"]["bits_per_weight"]
+    assert by_method["lora"]["bits_per_weight"] > by_method["salient"]["bits_per_weight"]
+    assert by_method["gift"]["recover_seconds"] > 0 and by_method["gift"]["trainable_params"] > 0
+
+    out = tmp_path / "cmp"
+    table = (out / "comparison.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and "gptqmodel" in table
+    assert len(list(csv.DictReader(open(out / "comparison.csv")))) == len(rows)
+    assert (out / "perplexity_vs_bits.png").stat().st_size > 1000 and (out / "recovery_loss.png").is_file()
+
+    # A rerun reuses every finished stage: nothing is recomputed.
+    stamps = {m: (stage_dir(cmp, m, 4) / "result.json").stat().st_mtime for m in by_method}
+    run_compare(cmp, progress=False)
+    assert stamps == {m: (stage_dir(cmp, m, 4) / "result.json").stat().st_mtime for m in by_method}
+
+
+def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import qrecover.compare as compare
+
+    monkeypatch.setattr(compare, "PEER_PACKAGE", {"gptqmodel": "no_such_package_qrecover"})
+    rows = run_compare(Comparison(model=str(tiny_model_dir), out=str(tmp_path / "c"), bits=[4], methods=["gptqmodel", "rtn"]), progress=False)
+    assert [r["method"] for r in rows] == ["rtn"]
+    assert "skipped gptqmodel: the no_such_package_qrecover package is not installed (pip install" in capsys.readouterr().err
+
+
+def test_bad_comparison_settings():
+    with pytest.raises(QRecoverError, match="preset 'huge'"):
+        Comparison(model="m", out="o", preset="huge")
+    with pytest.raises(QRecoverError, match="unknown methods"):
+        Comparison(model="m", out="o", methods=["qlora"])
+    with pytest.raises(QRecoverError, match="bits 5"):
+        Comparison(model="m", out="o", bits=[5])
+
+
+def test_bits_per_weight_rejects_unquantized(tiny_model_dir):
+    with pytest.raises(QRecoverError, match="no quantized linear"):
+        bits_per_weight(tiny_model_dir)
