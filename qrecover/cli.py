@@ -224,6 +224,8 @@ def _add_run(sub):
         "The final checkpoint is <out>/model and the numbers are in <out>/summary.json.",
     )
     p.add_argument("recipe", help="path of the recipe YAML file")
+    p.add_argument("--until", default="export", choices=("quantize", "recover", "evaluate", "export"),
+                   help="stop after this stage (e.g. quantize in one process before a multi-GPU recovery)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_recipe)
 
@@ -231,8 +233,8 @@ def _add_run(sub):
 def _run_recipe(args):
     from .recipes import load_recipe, run_recipe
 
-    summary = run_recipe(load_recipe(args.recipe), progress=not args.quiet)
-    print(json.dumps({"model": summary["model"], "evaluate": summary.get("evaluate")}))
+    summary = run_recipe(load_recipe(args.recipe), progress=not args.quiet, until=args.until)
+    print(json.dumps({"model": summary.get("model"), "evaluate": summary.get("evaluate")}))
 
 
 def _csv(cast):

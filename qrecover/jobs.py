@@ -114,7 +114,10 @@ def recover(
     if out.exists() and not overwrite:
         raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
     start = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from accelerate import PartialState
+
+    process = PartialState()  # one process, or one of several under `accelerate launch`
+    device = torch.device(device) if device else process.device
     qconfig = None
     if is_checkpoint(model):
         net, tokenizer, qconfig = load_checkpoint(model)
@@ -140,6 +143,8 @@ def recover(
     settings = {"model": str(model), **{k: v for k, v in config.to_dict().items() if k != "train"}}
     settings.update({k: v for k, v in config.to_dict()["train"].items() if k != "save_every"})
     state = train(net, examples, pad_id, config.train, settings, work_dir_for(out), clock, progress)
+    if not process.is_main_process:
+        return {"out": str(out), "final_loss": state.log[-1]["loss"] if state.log else None}
     net = net.cpu()
 
     summary = recovery_summary(config, examples, trainable, time.perf_counter() - start)

@@ -138,12 +138,27 @@ class Stages:
         return json.loads((self.root / f"{stage}.json").read_text())["result"]
 
 
-def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
-    """Run the chain; returns the summary also written to <out>/summary.json."""
+STAGES = ("quantize", "recover", "evaluate", "export")
+
+
+def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> dict:
+    """Run the chain up to and including stage `until`; returns the summary also written to
+    <out>/summary.json. Under `accelerate launch` (several processes) only the recover stage runs,
+    in every process: quantize first in one process (until="quantize"), evaluate afterwards."""
+    from accelerate import PartialState
+
     from . import jobs
 
+    if until not in STAGES:
+        raise QRecoverError(f"stage {until!r} is not one of {', '.join(STAGES)}")
     stages = Stages(recipe)
     quantized = stages.root / "quantized"
+    process = PartialState()
+    if process.num_processes > 1 and not stages.done("quantize"):
+        raise QRecoverError(
+            "under accelerate launch only recovery runs; quantize first in one process: "
+            "qrecover run RECIPE --until quantize"
+        )
     if not stages.done("quantize"):
         c = recipe.calibration
         report = jobs.quantize(
@@ -152,14 +167,22 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
         )
         stages.finish("quantize", {"path": str(quantized), "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]})
     final = quantized
+    if until == "quantize":
+        return {"model": str(final)}
     if recipe.recover is not None:
         final = stages.root / "recovered"
         if not stages.done("recover"):
             result = jobs.recover(str(quantized), final, recipe.recover, recipe.device, overwrite=True, progress=progress)
+            if not process.is_main_process:
+                return {}
             stages.finish("recover", {"path": str(final), "seconds": result["recovery"]["seconds"], "final_loss": result["final_loss"]})
+    if until == "recover" or process.num_processes > 1:
+        return {"model": str(final)}
     if not stages.done("evaluate"):
         stages.finish("evaluate", {"quantized": _evaluate(quantized, recipe, progress), **({"recovered": _evaluate(final, recipe, progress)} if final != quantized else {})})
     export = Path(recipe.out) / "model"
+    if until != "export":
+        return {"model": str(final), "evaluate": stages.result("evaluate")}
     if not stages.done("export"):
         atomic_dir(export, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True), overwrite=True)
         stages.finish("export", {"path": str(export)})
@@ -173,12 +196,13 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
 
 
 def _evaluate(path: Path, recipe: Recipe, progress: bool) -> dict:
+    from .data import source_label
     from .jobs import evaluate
 
     ev = recipe.evaluate
     results = {}
     for dataset in ev.perplexity:
-        results[dataset] = evaluate(str(path), dataset, ev.seqlen, ev.max_windows, recipe.device or "cpu", progress=progress)["perplexity"]
+        results[source_label(dataset)] = evaluate(str(path), dataset, ev.seqlen, ev.max_windows, recipe.device or "cpu", progress=progress)["perplexity"]
     if ev.tasks:
         from .eval.zeroshot import zeroshot
 
