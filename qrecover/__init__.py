@@ -10,6 +10,10 @@ Public API:
     calibration_samples(tokenizer, source, n, seqlen), eval_tokens(tokenizer, source)
     perplexity(model, tokens, seqlen, max_windows)
     QuantLinear
+    zeroshot(model, tasks, task_files, limit)  lm-eval zero-shot accuracy (eval.zeroshot)
+
+Importing qrecover also registers the "qrecover" quantization method with transformers, so
+AutoModelForCausalLM.from_pretrained(checkpoint) loads checkpoint format v1 (hf_quantizer).
 """
 __version__ = "0.1.0"
 
@@ -17,6 +21,8 @@ from .config import QuantConfig
 from .data import calibration_samples, eval_tokens, load_text
 from .errors import QRecoverError
 from .eval.perplexity import perplexity
+from .eval.zeroshot import zeroshot
+from . import hf_quantizer  # noqa: F401  (registers the transformers quantizer)
 from .io import load, load_checkpoint, save_checkpoint
 from .jobs import evaluate, quantize
 from .models import convert_gguf, load_pretrained, reference_model_dir
@@ -26,5 +32,5 @@ from .pipeline import quantize_model
 __all__ = [
     "QuantConfig", "QRecoverError", "QuantLinear", "quantize", "evaluate", "quantize_model", "load",
     "load_checkpoint", "save_checkpoint", "load_pretrained", "convert_gguf", "reference_model_dir",
-    "calibration_samples", "eval_tokens", "load_text", "perplexity",
+    "calibration_samples", "eval_tokens", "load_text", "perplexity", "zeroshot",
 ]

@@ -121,7 +121,7 @@ def _add_eval(sub):
     p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the unquantized tensors (default: as stored)")
     p.add_argument("--report", help="JSON report path (default: eval_<dataset>.json, or eval_zeroshot.json, inside a model directory)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (perplexity; lm-eval draws its own)")
     p.set_defaults(run=_run_eval)
 
 
@@ -141,7 +141,11 @@ def _run_zeroshot(args):
     from .jobs import parse_dtype
     from .utils import atomic_write_json
 
-    tasks = None if args.tasks in (None, "all") else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = None  # only those of --task-file
+    if args.tasks == "all":
+        tasks = list(ZEROSHOT_TASKS)
+    elif args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     task_files = dict(args.task_file)
     if len(task_files) < len(args.task_file):
         raise QRecoverError("--task-file names a task twice")

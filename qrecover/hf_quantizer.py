@@ -1,0 +1,75 @@
+"""Loading checkpoint format v1 through transformers: `AutoModelForCausalLM.from_pretrained(path)`.
+
+`import qrecover` registers, under the quant_method "qrecover", a quantization config that keeps
+config.json's entry verbatim and a quantizer that, while transformers builds the model skeleton on
+the meta device, swaps every quantizable linear for an empty QuantLinear shaped after the
+checkpoint's tensor headers (io.install_quant_linears, the same step and checks as
+qrecover.load_checkpoint). transformers' own loader then fills those layers in like any other
+weights, so `generate`, `pipeline(...)`, device maps and lm-eval's `--model hf` work unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import QRecoverError
+from .io import check_quantization_config, config_from_checkpoint, install_quant_linears
+
+METHOD = "qrecover"
+
+# safetensors header dtype names of the tensors a checkpoint may hold.
+_DTYPES = {
+    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool,
+}
+
+
+@register_quantization_config(METHOD)
+class QRecoverQuantizationConfig(QuantizationConfigMixin):
+    """config.json's `quantization_config` as written by qrecover, kept verbatim so that
+    `save_pretrained` writes it back unchanged."""
+
+    def __init__(self, **entries):
+        self.__dict__.update(entries)
+        self.quant_method = METHOD
+
+
+def _tensor_headers(files) -> dict:
+    """{name: empty meta tensor with the stored shape and dtype} of safetensors files, without reading data."""
+    headers = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    headers[name] = torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
+        except (SafetensorError, OSError, KeyError) as e:
+            raise QRecoverError(f"{file} is corrupted, truncated or holds an unknown dtype ({e}); re-export the checkpoint") from e
+    return headers
+
+
+@register_quantizer(METHOD)
+class QRecoverHfQuantizer(HfQuantizer):
+    # Only loads: quantizing goes through `qrecover quantize`, which needs calibration data.
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not checkpoint_files:
+            raise QRecoverError("a qrecover checkpoint loads from its safetensors files; none were found")
+        path = Path(checkpoint_files[0]).parent
+        qc = self.quantization_config.to_dict()
+        check_quantization_config(qc, path)
+        install_quant_linears(model, _tensor_headers(checkpoint_files), config_from_checkpoint(qc), path)
+
+    def is_serializable(self):
+        return True  # the QuantLinear buffers are the checkpoint's tensors, under the same names
+
+    @property
+    def is_trainable(self) -> bool:
+        # Recovery training of the salient columns goes through `qrecover recover`; transformers'
+        # Trainer would only attach adapters, which QuantLinear does not take.
+        return False

@@ -1,0 +1,184 @@
+"""Zero-shot evaluation through lm-eval: local files in the tasks' original formats, metrics, CLI, SmolLM2."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qrecover.cli import main
+from qrecover.errors import QRecoverError
+from qrecover.eval.zeroshot import TASKS, read_task_file, zeroshot
+
+from conftest import ROOT, SHARED_DATA, tiny_model
+
+HELLASWAG = [
+    {"ind": 1, "activity_label": "Baking", "ctx_a": "A man pours flour into a bowl.", "ctx_b": "he",
+     "endings": ["adds two eggs.", "drives a car.", "sings to the bowl.", "paints the wall."], "label": 0},
+    {"ind": 2, "activity_label": "Running", "ctx_a": "A woman ties her shoes.", "ctx_b": "she",
+     "endings": ["eats the shoes.", "starts to jog down the road.", "flies away.", "sleeps."], "label": "1"},
+    {"ind": 3, "activity_label": "Swimming", "ctx_a": "A boy stands at the edge of a pool.", "ctx_b": "he",
+     "endings": ["reads a book.", "builds a house.", "dives into the water.", "cooks pasta."], "label": 2},
+]
+WINOGRANDE = [
+    {"qID": "a", "sentence": "The cup fell off the table because the _ was slippery.", "option1": "cup", "option2": "table", "answer": "2"},
+    {"qID": "b", "sentence": "Anna gave Maria a gift because _ was kind.", "option1": "Anna", "option2": "Maria", "answer": "1"},
+    {"qID": "c", "sentence": "The box did not fit in the car because the _ was too big.", "option1": "box", "option2": "car", "answer": "1"},
+]
+BOOLQ = [
+    {"question": "is the sun a star", "title": "Sun", "answer": True, "passage": "The Sun is the star at the centre of the Solar System."},
+    {"question": "is water dry", "title": "Water", "answer": False, "passage": "Water is a liquid that makes things wet."},
+    {"question": "do cats bark", "title": "Cat", "answer": False, "passage": "Cats meow and purr; dogs bark."},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def first_lines(name, n, tmp_path):
+    rows = [json.loads(line) for line in (SHARED_DATA / name).read_text().splitlines()[:n]]
+    return write_jsonl(tmp_path / name, rows)
+
+
+@pytest.fixture
+def six_files(tmp_path, shared_data):
+    arc = first_lines("arc-easy-test.jsonl", 5, tmp_path)
+    return {
+        "arc_easy": arc, "arc_challenge": arc, "piqa": first_lines("piqa-valid.jsonl", 7, tmp_path),
+        "hellaswag": write_jsonl(tmp_path / "hellaswag.jsonl", HELLASWAG),
+        "winogrande": write_jsonl(tmp_path / "winogrande.jsonl", WINOGRANDE),
+        "boolq": write_jsonl(tmp_path / "boolq.jsonl", BOOLQ),
+    }
+
+
+def test_local_files_are_read_in_their_original_formats(six_files):
+    arc = read_task_file("arc_easy", six_files["arc_easy"])[0]
+    assert arc == {
+        "question": "Which statement best explains why photosynthesis is the foundation of most food webs?",
+        "choices": {"text": arc["choices"]["text"], "label": ["A", "B", "C", "D"]}, "answerKey": "A",
+    }
+    assert arc["choices"]["text"][0] == "Sunlight is the source of energy for nearly all ecosystems."
+    assert set(read_task_file("piqa", six_files["piqa"])[0]) == {"goal", "sol1", "sol2", "label"}
+    assert [r["label"] for r in read_task_file("hellaswag", six_files["hellaswag"])] == [0, 1, 2]
+    assert [r["answer"] for r in read_task_file("winogrande", six_files["winogrande"])] == ["2", "1", "1"]
+    # lm-eval's boolq reads SuperGLUE's label (choices "no", "yes"); the original release has answer: bool.
+    assert [r["label"] for r in read_task_file("boolq", six_files["boolq"])] == [1, 0, 0]
+
+
+@pytest.mark.parametrize("task, row, fields", [
+    ("arc_easy", {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}, "question.stem, question.choices [{text, label}], answerKey"),
+    # The Hugging Face layout of ARC (question as a string) is not the AI2 release format.
+    ("arc_challenge", {"question": "q?", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "A"}, "question.stem"),
+    ("piqa", {"goal": "g", "sol1": "a", "sol2": "b", "label": 2}, "goal, sol1, sol2, label"),
+    ("hellaswag", {**HELLASWAG[0], "label": 7}, "endings"),
+    ("winogrande", {**WINOGRANDE[0], "answer": "3"}, "option1, option2, answer"),
+    ("boolq", {"question": "q", "passage": "p", "label": 1}, "question, passage, answer (true or false)"),
+])
+def test_a_file_in_the_wrong_format_names_the_expected_fields(tmp_path, task, row, fields):
+    path = write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(QRecoverError, match=rf"bad.jsonl line 1 is not a {task} example .*expected JSON lines with the fields .*{re.escape(fields)}"):
+        read_task_file(task, path)
+
+
+def test_unreadable_or_empty_files(tmp_path):
+    with pytest.raises(QRecoverError, match="does not exist"):
+        read_task_file("piqa", tmp_path / "none.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(QRecoverError, match="holds no piqa examples"):
+        read_task_file("piqa", tmp_path / "empty.jsonl")
+    (tmp_path / "text.jsonl").write_text("goal: not json\n")
+    with pytest.raises(QRecoverError, match="text.jsonl line 1 is not a piqa example .*goal, sol1, sol2, label"):
+        read_task_file("piqa", tmp_path / "text.jsonl")
+
+
+def loglikelihood(model, tokenizer, context, continuation):
+    """Sum of log-probabilities of continuation after context, tokenized as lm-eval does (whole
+    string encoded once; the continuation is what follows the context's tokens)."""
+    whole = tokenizer(context + continuation).input_ids
+    n_context = len(tokenizer(context).input_ids)
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
+
+
+def accuracy_by_hand(model, tokenizer, rows, context, choices, label):
+    hits = 0
+    for row in rows:
+        scores = [loglikelihood(model, tokenizer, context(row), " " + c) for c in choices(row)]
+        hits += scores.index(max(scores)) == label(row)
+    return hits / len(rows)
+
+
+def test_all_six_tasks_run_offline_and_score_as_computed_by_hand(six_files, tiny_tokenizer):
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    result = zeroshot(model, task_files=six_files, tokenizer=tiny_tokenizer, limit=4, batch_size=8)
+    assert list(result["tasks"]) == list(TASKS) == result["mean_over"]
+    for task, entry in result["tasks"].items():
+        assert entry["source"] == str(six_files[task]) and entry["examples"] == (3 if task in ("hellaswag", "winogrande", "boolq") else 4)
+        assert entry["metric"] == TASKS[task] and entry["score"] == entry[TASKS[task]]
+    assert {t for t, m in TASKS.items() if m == "acc_norm"} == {"arc_easy", "arc_challenge", "hellaswag", "piqa"}
+    assert "acc_norm" not in result["tasks"]["boolq"]
+    assert result["mean"] == pytest.approx(sum(e["score"] for e in result["tasks"].values()) / 6)
+    assert result["limit"] == 4 and result["num_fewshot"] == 0
+
+    # The scores are those of the task's own prompt on the file's rows: an odd number of examples
+    # so a swapped label mapping (accuracy 1 - acc) cannot agree by chance.
+    piqa = zeroshot(model, task_files={"piqa": six_files["piqa"]}, tokenizer=tiny_tokenizer)["tasks"]["piqa"]
+    rows = read_task_file("piqa", six_files["piqa"])
+    assert piqa["examples"] == 7
+    assert piqa["acc"] == pytest.approx(accuracy_by_hand(
+        model, tiny_tokenizer, rows, lambda r: f"Question: {r['goal']}\nAnswer:", lambda r: [r["sol1"], r["sol2"]], lambda r: r["label"]))
+    boolq = result["tasks"]["boolq"]["acc"]
+    assert boolq == pytest.approx(accuracy_by_hand(
+        model, tiny_tokenizer, read_task_file("boolq", six_files["boolq"]),
+        lambda r: f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", lambda r: ["no", "yes"], lambda r: r["label"]))
+
+
+def test_bad_arguments(tiny_tokenizer, six_files):
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    with pytest.raises(QRecoverError, match="unknown zero-shot task.*mmlu; choose from arc_easy"):
+        zeroshot(model, tasks=["arc_easy", "mmlu"], tokenizer=tiny_tokenizer)
+    with pytest.raises(QRecoverError, match="limit must be a positive"):
+        zeroshot(model, task_files={"piqa": six_files["piqa"]}, tokenizer=tiny_tokenizer, limit=0)
+    with pytest.raises(QRecoverError, match="needs its tokenizer"):
+        zeroshot(model, task_files={"piqa": six_files["piqa"]})
+
+
+def test_cli_zero_shot_on_local_files_writes_a_report(tiny_model_dir, six_files, capsys):
+    argv = ["eval", str(tiny_model_dir), "--task-file", f"arc_easy={six_files['arc_easy']}",
+            "--task-file", f"piqa={six_files['piqa']}", "--limit", "2", "--quiet"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tiny_model_dir / "eval_zeroshot.json").read_text())
+    assert list(printed["tasks"]) == ["arc_easy", "piqa"] and printed["tasks"]["piqa"]["examples"] == 2
+
+    assert main(["eval", str(tiny_model_dir), "--task-file", f"arc_easy={six_files['piqa']}"]) == 2
+    assert "expected JSON lines with the fields question.stem" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_model_dir), "--task-file", "arc_easy"])
+
+
+def test_hub_tasks_offline_get_a_clear_error(tiny_model_dir):
+    """Standard lm-eval task names load their datasets from the hub; offline that fails with advice."""
+    cmd = [sys.executable, "-m", "qrecover.cli", "eval", str(tiny_model_dir), "--tasks", "arc_challenge", "--limit", "2", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "allenai/ai2_arc" in done.stderr and "--task-file TASK=PATH" in done.stderr
+
+
+def test_smollm2_zero_shot_accuracy_is_above_chance(smollm2_dir, shared_data):
+    """Full-precision SmolLM2-135M on the first 40 ARC-Easy and PIQA examples. Measured: ARC-Easy
+    acc_norm 0.45 (chance 0.25), PIQA acc_norm 0.70 (chance 0.5); a broken prompt, label mapping or
+    scoring lands near chance (P(>= 16/40 | p = 0.25) is about 3%, P(>= 24/40 | p = 0.5) about 13%)."""
+    files = {"arc_easy": shared_data / "arc-easy-test.jsonl", "piqa": shared_data / "piqa-valid.jsonl"}
+    result = zeroshot(str(smollm2_dir), task_files=files, limit=40)
+    arc, piqa = result["tasks"]["arc_easy"], result["tasks"]["piqa"]
+    assert arc["examples"] == piqa["examples"] == 40
+    assert arc["acc_norm"] >= 0.4 and arc["acc"] >= 0.35
+    assert piqa["acc_norm"] >= 0.6 and piqa["acc"] >= 0.6
+    assert result["mean"] == pytest.approx((arc["acc_norm"] + piqa["acc_norm"]) / 2)
