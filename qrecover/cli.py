@@ -90,12 +90,11 @@ def _run_quantize(args):
     print(json.dumps(summary))
 
 
-def _task_file(text: str):
-    """TASK=PATH -> (task, path)."""
-    task, sep, path = text.partition("=")
-    if not sep or not task or not path:
+def _task_file(text: str) -> str:
+    name, sep, path = text.partition("=")
+    if not (name and sep and path):
         raise argparse.ArgumentTypeError(f"{text!r} is not TASK=PATH")
-    return task.strip(), path
+    return text
 
 
 def _add_eval(sub):
@@ -111,8 +110,8 @@ def _add_eval(sub):
     p.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, c4, ptb, pile, or a .txt/.jsonl file (default wikitext2 test)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-    p.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from {','.join(ZEROSHOT_TASKS)}; "
-                   "'all' = the six (datasets from the Hugging Face hub unless --task-file gives a local one)")
+    p.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from {','.join(ZEROSHOT_TASKS)}, each on its "
+                   "standard dataset from the Hugging Face hub (or TASK=PATH, as --task-file); 'all' = the six")
     p.add_argument("--task-file", type=_task_file, action="append", default=[], metavar="TASK=PATH",
                    help="run TASK offline on a local .jsonl in its original format, e.g. arc_easy=ARC-Easy-Test.jsonl "
                    "(AI2 format), piqa=valid.jsonl (goal/sol1/sol2/label); repeatable")
@@ -135,21 +134,13 @@ def _run_eval(args):
 
 
 def _run_zeroshot(args):
-    from pathlib import Path
-
     from .eval.zeroshot import zeroshot
     from .jobs import parse_dtype
     from .utils import atomic_write_json
 
-    tasks = None  # only those of --task-file
-    if args.tasks == "all":
-        tasks = list(ZEROSHOT_TASKS)
-    elif args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    task_files = dict(args.task_file)
-    if len(task_files) < len(args.task_file):
-        raise QRecoverError("--task-file names a task twice")
-    result = zeroshot(args.path, tasks, task_files, args.limit, batch_size=args.batch_size, device=args.device, dtype=parse_dtype(args.dtype))
+    local = {spec.partition("=")[0] for spec in args.task_file}
+    tasks = [t for t in ZEROSHOT_TASKS if t not in local] if args.tasks == "all" else (args.tasks or "").split(",")
+    result = zeroshot(args.path, [*tasks, *args.task_file], limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=parse_dtype(args.dtype))
     report = args.report or (Path(args.path) / "eval_zeroshot.json" if Path(args.path).is_dir() else None)
     if report is not None:
         atomic_write_json(report, result)
@@ -182,6 +173,7 @@ def _add_recover(sub):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule (default 0.03)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")
+    p.add_argument("--holdout", type=int, default=0, help="keep the last N examples out of training and report their loss before and after (for choosing settings without the test set)")
     p.add_argument("--train-norms", action="store_true", help="also train the RMSNorm weights")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (default: about as many parameters as the salient columns)")
     p.add_argument("--salient", default="128", help="unquantized models: salient columns per layer, count/fraction/percentage (default 128)")
@@ -209,7 +201,7 @@ def _run_recover(args):
     )
     config = RecoverConfig(
         data=args.data, method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
-        max_length=args.max_length, train_norms=args.train_norms, lora_rank=args.lora_rank,
+        max_length=args.max_length, holdout=args.holdout, train_norms=args.train_norms, lora_rank=args.lora_rank,
         salient=args.salient, metric=args.metric, train=train,
     )
     result = recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)

@@ -21,7 +21,7 @@ from .recover import (
     RecoverConfig, add_lora, add_salient_columns, finish_gift, is_quantized, lora_rank_for, merge_salient,
     prepare, recovery_summary, salient_params,
 )
-from .train import plot_loss, train
+from .train import mean_loss, plot_loss, train
 from .train_data import load_examples
 from .utils import atomic_dir, atomic_write_json, peak_memory_mb
 
@@ -130,6 +130,11 @@ def recover(
             f"qrecover: {examples.truncated} examples were longer than {config.max_length} tokens and were "
             f"truncated; {examples.dropped} had no response token left and were dropped", file=sys.stderr,
         )
+    held_out = []
+    if config.holdout:
+        if config.holdout >= len(examples.items):
+            raise QRecoverError(f"cannot hold out {config.holdout} of {len(examples.items)} examples; lower --holdout")
+        held_out, examples.items = examples.items[-config.holdout :], examples.items[: -config.holdout]
     clock = NoiseClock(config.train.seed)
     if config.method == "gift" and qconfig is None:
         add_salient_columns(net, examples, config, pad_id)
@@ -140,6 +145,7 @@ def recover(
         config.lora_rank = rank
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     net.to(device)
+    dev_loss_before = mean_loss(net, held_out, pad_id) if held_out else None
     settings = {"model": str(model), **{k: v for k, v in config.to_dict().items() if k != "train"}}
     settings.update({k: v for k, v in config.to_dict()["train"].items() if k != "save_every"})
     state = train(net, examples, pad_id, config.train, settings, work_dir_for(out), clock, progress)
@@ -148,6 +154,8 @@ def recover(
     net = net.cpu()
 
     summary = recovery_summary(config, examples, trainable, time.perf_counter() - start)
+    if held_out:
+        summary["heldout_loss"] = {"before": dev_loss_before, "after": mean_loss(net, held_out, pad_id)}
     summary["peak_memory_mb"] = peak_memory_mb(device)
 
     def extras(tmp: Path):

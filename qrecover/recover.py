@@ -39,6 +39,7 @@ class RecoverConfig:
     noise_scale: float = 1.0
     noise_bits: int | None = None  # fixed noise bit width; default: the layer's own grid (4 for unquantized)
     max_length: int = 512
+    holdout: int = 0  # examples kept out of training to measure a held-out loss before and after
     train_norms: bool = False
     lora_rank: int | None = None  # default: about as many parameters as the salient columns
     # Unquantized models only: which columns to train.

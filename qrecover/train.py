@@ -196,6 +196,22 @@ def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, wor
     return state
 
 
+@torch.no_grad()
+def mean_loss(model, items: list, pad_id: int, batch_size: int = 4) -> float:
+    """Mean next-token loss of model (in eval mode: no noise) over held-out examples."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for i in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[i : i + batch_size], pad_id).items()}
+        tokens = float((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * tokens
+        count += tokens
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
 def cosine_with_warmup(optimizer, warmup: int, total: int, start: int = 0):
     """Linear warm-up to the peak over `warmup` steps (the first step already trains), then cosine decay."""
 

@@ -269,3 +269,13 @@ def test_unquantized_baselines_export_ordinary_models(method, tiny_model_dir, tm
         assert abs(result["recovery"]["trainable_params"] / (2 * 8 * (80 * 2 + 40 * 2 + 144 * 2 + 80)) - 1) < 0.5
     else:
         assert result["recovery"]["trainable_params"] == sum(p.numel() for p in base.parameters())
+
+
+def test_holdout_examples_measure_a_held_out_loss(quantized_tiny, tmp_path):
+    config = RecoverConfig(max_length=64, holdout=6, train=TrainConfig(steps=8, batch_size=4, lr=3e-3))
+    result = recover(str(quantized_tiny), tmp_path / "r", config, progress=False)
+    held = result["recovery"]["heldout_loss"]
+    assert held["after"] < held["before"]
+    assert result["recovery"]["examples"] == len(load_examples("default", load_checkpoint(quantized_tiny)[1], 64).items) - 6
+    with pytest.raises(QRecoverError, match="cannot hold out"):
+        recover(str(quantized_tiny), tmp_path / "r2", RecoverConfig(max_length=64, holdout=10**6), progress=False)

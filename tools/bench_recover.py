@@ -10,6 +10,10 @@ Each run is its own subprocess (peak memory of its own). Reports WikiText-2 test
 the first W windows of 2048 tokens for full precision, before recovery and after each method,
 with trainable parameters, peak memory and wall time. Prints a table and writes JSON.
 
+The learning rate of each method is chosen, never on the test split, by short pilot runs over the
+--lrs grid at the first bit width: the one with the lowest loss on --holdout training blocks kept
+out of training (in every run, so all methods train on the same text).
+
     .venv/bin/python tools/bench_recover.py                       # w3 and w2, 100 steps of 4 x 512
     .venv/bin/python tools/bench_recover.py --bits 3 --steps 20   # a quick look
 """
@@ -55,20 +59,21 @@ def run_one(args) -> dict:
         model, tokenizer = qrecover.load(checkpoint)
     else:
         method, noise = METHODS[kind]
-        lr = args.lr_lora if method == "lora" else args.lr
         config = RecoverConfig(
-            data="wikitext2", method=method, noise=noise, max_length=args.seqlen,
-            train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, save_every=0, seed=0),
+            data="wikitext2", method=method, noise=noise, max_length=args.seqlen, holdout=args.holdout,
+            train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=0, seed=0),
         )
         with tempfile.TemporaryDirectory() as tmp:
             out = recover(str(checkpoint), Path(tmp) / "out", config, progress=False,
-                          eval_dataset="wikitext2", eval_windows=args.windows)
+                          eval_dataset=None if args.pilot else "wikitext2", eval_windows=args.windows)
         result.update({
-            "trainable_params": out["recovery"]["trainable_params"], "lr": lr,
+            "trainable_params": out["recovery"]["trainable_params"], "lr": args.lr, "steps": args.steps,
             "train_seconds": out["recovery"]["seconds"], "final_loss": out["final_loss"],
-            "wikitext2_perplexity": out["eval"]["wikitext2"]["perplexity"],
+            "heldout_loss": out["recovery"]["heldout_loss"],
             "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         })
+        if not args.pilot:
+            result["wikitext2_perplexity"] = out["eval"]["wikitext2"]["perplexity"]
         return result
     tokens = qrecover.eval_tokens(tokenizer, "wikitext2")
     result["wikitext2_perplexity"] = qrecover.perplexity(model, tokens, max_windows=args.windows, progress=False)["perplexity"]
@@ -85,40 +90,63 @@ def main():
     parser.add_argument("--seqlen", type=int, default=512, help="calibration and training sequence length")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of the salient-column runs")
-    parser.add_argument("--lr-lora", type=float, default=1e-4, help="learning rate of the LoRA runs")
+    parser.add_argument("--lrs", type=lambda t: [float(v) for v in t.split(",")], default=[1e-4, 3e-4, 1e-3],
+                        help="learning-rate grid of the pilots (one value: no pilots)")
+    parser.add_argument("--pilot-steps", type=int, default=30)
+    parser.add_argument("--holdout", type=int, default=48, help="training blocks kept out for choosing the learning rate")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_recover"), help="where the quantized checkpoints are kept")
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench_recover.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--pilot", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
 
-    runs = ["full-precision:16"] + [f"{kind}:{b}" for b in args.bits for kind in ["before", *args.methods]]
-    results = []
-    passthrough = [a for k, v in vars(args).items() if k not in ("one", "json", "bits", "methods") for a in (f"--{k.replace('_', '-')}", str(v))]
-    for run in runs:
-        print(f"running {run} ...", file=sys.stderr, flush=True)
+    def launch(run: str, **overrides) -> dict:
+        values = vars(args) | overrides
+        passthrough = [a for k, v in values.items() if k not in ("one", "json", "bits", "methods", "lrs", "pilot") and v is not None
+                       for a in (f"--{k.replace('_', '-')}", str(v))] + (["--pilot"] if values.get("pilot") else [])
+        print(f"running {run} {overrides or ''} ...", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--one", run, *passthrough], capture_output=True, text=True)
         lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
         if done.returncode != 0 or not lines:
             print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{run} failed")
-        results.append(json.loads(lines[-1][7:]))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        result = json.loads(lines[-1][7:])
+        print(json.dumps(result), file=sys.stderr, flush=True)
+        return result
+
+    results = [launch("full-precision:16")]
+    for b in args.bits:
+        results.append(launch(f"before:{b}"))
+    chosen, pilots = {}, []
+    for kind in args.methods:
+        if len(args.lrs) == 1:
+            chosen[kind] = args.lrs[0]
+            continue
+        trials = [launch(f"{kind}:{args.bits[0]}", lr=lr, steps=args.pilot_steps, pilot=True) for lr in args.lrs]
+        pilots += trials
+        chosen[kind] = min(trials, key=lambda r: r["heldout_loss"]["after"])["lr"]
+    for b in args.bits:
+        for kind in args.methods:
+            results.append(launch(f"{kind}:{b}", lr=chosen[kind]))
 
     full = results[0]["wikitext2_perplexity"]
-    rows = ["| bits | run | trainable params | lr | train s | peak MB | WikiText-2 ppl | gap closed |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| bits | run | trainable params | lr | train s | peak MB | held-out loss | WikiText-2 ppl | gap closed |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         before = next((b["wikitext2_perplexity"] for b in results if b["run"] == "before" and b["bits"] == r["bits"]), None)
-        closed = "" if r["run"] in ("before", "full-precision") else f"{(before - r['wikitext2_perplexity']) / (before - full):.0%}"
-        r["gap_closed"] = None if not closed else (before - r["wikitext2_perplexity"]) / (before - full)
+        recovered = r["run"] not in ("before", "full-precision")
+        r["gap_closed"] = (before - r["wikitext2_perplexity"]) / (before - full) if recovered else None
+        heldout = f"{r['heldout_loss']['after']:.4f}" if "heldout_loss" in r else "-"
         rows.append(
             f"| {r['bits'] or 16} | {r['run']} | {r.get('trainable_params', '-')} | {r.get('lr', '-')} | "
-            f"{r.get('train_seconds', '-')} | {r.get('peak_memory_mb', '-')} | {r['wikitext2_perplexity']:.2f} | {closed} |"
+            f"{r.get('train_seconds', '-')} | {r.get('peak_memory_mb', '-')} | {heldout} | "
+            f"{r['wikitext2_perplexity']:.2f} | {'' if r['gap_closed'] is None else format(r['gap_closed'], '.0%')} |"
         )
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -126,7 +154,7 @@ def main():
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({**meta, "chosen_lr": chosen, "pilots": pilots, "results": results}, indent=2) + "\n")
     print("\n".join(rows))
 
 
