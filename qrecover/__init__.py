@@ -10,6 +10,7 @@ Public API:
     calibration_samples(tokenizer, source, n, seqlen), eval_tokens(tokenizer, source)
     perplexity(model, tokens, seqlen, max_windows)
     QuantLinear
+    use_backend(name)                          force a kernel backend in a with-block (kernels)
     zeroshot(model, tasks, task_files, limit)  lm-eval zero-shot accuracy (eval.zeroshot)
 
 Importing qrecover also registers the "qrecover" quantization method with transformers, so
@@ -23,6 +24,7 @@ from .errors import QRecoverError
 from .eval.perplexity import perplexity
 from .eval.zeroshot import zeroshot
 from . import hf_quantizer  # noqa: F401  (registers the transformers quantizer)
+from .kernels import use_backend
 from .io import load, load_checkpoint, save_checkpoint
 from .jobs import evaluate, quantize
 from .models import convert_gguf, load_pretrained, reference_model_dir
@@ -33,4 +35,5 @@ __all__ = [
     "QuantConfig", "QRecoverError", "QuantLinear", "quantize", "evaluate", "quantize_model", "load",
     "load_checkpoint", "save_checkpoint", "load_pretrained", "convert_gguf", "reference_model_dir",
     "calibration_samples", "eval_tokens", "load_text", "perplexity", "zeroshot",
+    "use_backend",
 ]
