@@ -161,6 +161,10 @@ def test_torch_backend_matches_the_reference(M):
     assert_matches_reference(layer, x, y)
     x32 = x.float()
     assert_matches_reference(layer, x32, torch_mm.forward(layer, x32))
+    for dtype in (torch.float16, torch.bfloat16):  # summed in float32, then rounded like torch_ref: a few ulps
+        xh = x.to(dtype)
+        ref = torch_ref.forward(layer, xh.double())
+        assert (torch_mm.forward(layer, xh).double() - ref).abs().max() <= 4 * EPS[dtype] * ref.abs().max()
 
 
 def test_torch_backend_sees_in_place_changes():

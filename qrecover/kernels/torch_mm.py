@@ -10,7 +10,8 @@ scale applies by broadcasting instead of a gather per weight:
     y = x_pad @ (d * scale)                (many rows: scale the weights once)
 
 Salient rows are left out (their d is 0), which also makes act-order groups equal-sized. Work is
-chunked by groups so no temporary exceeds CHUNK_ELEMENTS. Differentiable in salient_weight.
+chunked by groups so no temporary exceeds CHUNK_ELEMENTS; float16/bfloat16 inputs are summed in
+float32. Differentiable in salient_weight.
 """
 from __future__ import annotations
 
@@ -61,15 +62,17 @@ def forward(layer, x: torch.Tensor) -> torch.Tensor:
     M = x2.shape[0]
     xg = F.pad(x2, (0, 1))[:, codes.rows].view(M, n_groups, G)  # the extra column is the padding's 0
     d = codes.d.view(n_groups, G, N)
-    scales = layer.scales.to(x.dtype)
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # sums of halves lose bits
+    scales = layer.scales.to(x.dtype).to(work)  # the scale as the input dtype holds it, as torch_ref
+    xg = xg.to(work)
     scale_outputs = M <= G
     step = max(1, CHUNK_ELEMENTS // (N * max(M, G) if scale_outputs else G * N))
-    y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
+    y = torch.zeros(M, N, dtype=work, device=x.device)
     for g0 in range(0, n_groups, step):
-        s, dg, xc = scales[g0:g0 + step, None, :], d[g0:g0 + step].to(x.dtype), xg[:, g0:g0 + step]
+        s, dg, xc = scales[g0:g0 + step, None, :], d[g0:g0 + step].to(work), xg[:, g0:g0 + step]
         if scale_outputs:
             y += (torch.bmm(xc.transpose(0, 1), dg) * s).sum(0)
         else:
             y.addmm_(xc.reshape(M, -1), (dg * s).reshape(-1, N))
-    y = torch_ref.add_columns(y, x2, layer.salient_idx, layer.salient_weight, layer.bias)
+    y = torch_ref.add_columns(y.to(x.dtype), x2, layer.salient_idx, layer.salient_weight, layer.bias)
     return y.view(*x.shape[:-1], N)
