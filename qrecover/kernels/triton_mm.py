@@ -288,20 +288,21 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the CPU interpreter: small, so the tests still exercise split-K
 
 
-def fused(layer, x2: torch.Tensor, out: torch.Tensor, n_sms: int | None = None) -> torch.Tensor:
+def fused(layer, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [M, N] = the layer applied to x2 [M, K] by `_mixed_matmul_kernel`."""
     (M, K), N = x2.shape, layer.out_features
     trivial, group_size = group_layout(layer)
-    block_m, block_n, splits, per_split = _launch_shape(M, N, K, n_sms or _sm_count(x2.device))
+    block_m, block_n, splits, per_split = _launch_shape(M, N, K, _sm_count(x2.device))
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), splits)
-    sums, arrivals = _workspace(x2.device, M * N, grid[0] * grid[1])
+    split = splits > 1  # else the workspace is only a placeholder argument
+    sums, arrivals = _workspace(x2.device, M * N if split else 0, grid[0] * grid[1] if split else 0)
     bias = layer.bias if layer.bias is not None else layer.scales  # any pointer: unused without HAS_BIAS
     _mixed_matmul_kernel[grid](
-        x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx, layer.salient_weight, bias,
+        x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx, layer.salient_weight.contiguous(), bias,
         out, sums, arrivals,
         M, N, K, layer.n_salient, layer.qweight.shape[0], layer.qzeros.shape[1], x2.stride(0), group_size, per_split,
         BITS=layer.bits, BLOCK_M=block_m, BLOCK_N=block_n, DTYPE=DTYPES[x2.dtype],
-        TRIVIAL_GROUPS=trivial, HAS_BIAS=layer.bias is not None, SPLIT_K=splits > 1,
+        TRIVIAL_GROUPS=trivial, HAS_BIAS=layer.bias is not None, SPLIT_K=split,
         num_warps=4,
     )
     return out
