@@ -11,7 +11,7 @@ Public API:
     perplexity(model, tokens, seqlen, max_windows)
     QuantLinear
     use_backend(name)                          force a kernel backend in a with-block (kernels)
-    zeroshot(model, tasks, task_files, limit)  lm-eval zero-shot accuracy (eval.zeroshot)
+    zeroshot(model, tasks, limit=...)           lm-eval zero-shot accuracy; tasks "NAME" or "NAME=PATH"
 
 Importing qrecover also registers the "qrecover" quantization method with transformers, so
 AutoModelForCausalLM.from_pretrained(checkpoint) loads checkpoint format v1 (hf_quantizer).

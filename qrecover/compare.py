@@ -200,7 +200,7 @@ def _evaluate(cmp: Comparison, model, tokenizer, preset: Preset) -> dict:
     if cmp.tasks:
         from .eval.zeroshot import zeroshot
 
-        results["zeroshot"] = zeroshot(model, tokenizer, cmp.tasks, limit=cmp.limit)
+        results["zeroshot"] = zeroshot(model, cmp.tasks, tokenizer=tokenizer, limit=cmp.limit)
     return results
 
 

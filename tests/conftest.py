@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+# Read when @triton.jit decorates a function, and triton.language decorates its own (tl.zeros ...)
+# on first import, which gptqmodel may trigger before test_kernels runs: set it before anything.
+os.environ["TRITON_INTERPRET"] = "1"
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch

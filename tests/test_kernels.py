@@ -3,7 +3,7 @@ Triton kernels on the CPU under TRITON_INTERPRET=1, the torch backend, the dispa
 and a compile of the Triton kernels for an H100 (sm_90), which needs no GPU."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, i.e. when triton_mm is imported
+assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET=1 before triton is imported"
 
 import subprocess
 import sys
@@ -44,7 +44,8 @@ def _interpret_bfloat16_like_a_gpu():
 
 
 _interpret_bfloat16_like_a_gpu()
-assert isinstance(triton_mm._mixed_matmul_kernel, interpreter.InterpretedFunction), "triton_mm was imported before TRITON_INTERPRET=1"
+for _fn in (triton_mm._mixed_matmul_kernel, tl.zeros):
+    assert isinstance(_fn, interpreter.InterpretedFunction), f"{_fn} was decorated before TRITON_INTERPRET=1"
 
 
 def random_layer(K, N, bits, group_size, k, bias=True, act_order=False, salient_dtype=torch.float16):

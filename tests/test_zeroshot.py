@@ -10,7 +10,7 @@ import torch
 
 from qrecover.cli import main
 from qrecover.errors import QRecoverError
-from qrecover.eval.zeroshot import TASKS, read_task_file, zeroshot
+from qrecover.eval.zeroshot import TASKS, parse_tasks, read_task_file, zeroshot
 
 from conftest import ROOT, SHARED_DATA, tiny_model
 
@@ -32,6 +32,10 @@ BOOLQ = [
     {"question": "is water dry", "title": "Water", "answer": False, "passage": "Water is a liquid that makes things wet."},
     {"question": "do cats bark", "title": "Cat", "answer": False, "passage": "Cats meow and purr; dogs bark."},
 ]
+
+
+def specs(files):
+    return [f"{task}={path}" for task, path in files.items()]
 
 
 def write_jsonl(path, rows):
@@ -116,7 +120,7 @@ def accuracy_by_hand(model, tokenizer, rows, context, choices, label):
 
 def test_all_six_tasks_run_offline_and_score_as_computed_by_hand(six_files, tiny_tokenizer):
     model = tiny_model(vocab=len(tiny_tokenizer))
-    result = zeroshot(model, task_files=six_files, tokenizer=tiny_tokenizer, limit=4, batch_size=8)
+    result = zeroshot(model, specs(six_files), tokenizer=tiny_tokenizer, limit=4, batch_size=8)
     assert list(result["tasks"]) == list(TASKS) == result["mean_over"]
     for task, entry in result["tasks"].items():
         assert entry["source"] == str(six_files[task]) and entry["examples"] == (3 if task in ("hellaswag", "winogrande", "boolq") else 4)
@@ -128,7 +132,7 @@ def test_all_six_tasks_run_offline_and_score_as_computed_by_hand(six_files, tiny
 
     # The scores are those of the task's own prompt on the file's rows: an odd number of examples
     # so a swapped label mapping (accuracy 1 - acc) cannot agree by chance.
-    piqa = zeroshot(model, task_files={"piqa": six_files["piqa"]}, tokenizer=tiny_tokenizer)["tasks"]["piqa"]
+    piqa = zeroshot(model, [f"piqa={six_files['piqa']}"], tokenizer=tiny_tokenizer)["tasks"]["piqa"]
     rows = read_task_file("piqa", six_files["piqa"])
     assert piqa["examples"] == 7
     assert piqa["acc"] == pytest.approx(accuracy_by_hand(
@@ -139,14 +143,19 @@ def test_all_six_tasks_run_offline_and_score_as_computed_by_hand(six_files, tiny
         lambda r: f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", lambda r: ["no", "yes"], lambda r: r["label"]))
 
 
-def test_bad_arguments(tiny_tokenizer, six_files):
+def test_task_specs_and_bad_arguments(tiny_tokenizer, six_files):
+    assert parse_tasks(None) == dict.fromkeys(TASKS)
+    assert parse_tasks("piqa=p.jsonl, arc_easy") == {"arc_easy": None, "piqa": "p.jsonl"}
+    for bad, message in [(["arc_easy", "mmlu"], "'mmlu' is not NAME or NAME=PATH with NAME one of arc_easy"),
+                         (["piqa=a.jsonl", "piqa"], "piqa is given twice"), ("piqa=", "is not NAME or NAME=PATH"), ([], "no zero-shot task")]:
+        with pytest.raises(QRecoverError, match=message):
+            parse_tasks(bad)
     model = tiny_model(vocab=len(tiny_tokenizer))
-    with pytest.raises(QRecoverError, match="unknown zero-shot task.*mmlu; choose from arc_easy"):
-        zeroshot(model, tasks=["arc_easy", "mmlu"], tokenizer=tiny_tokenizer)
+    piqa = [f"piqa={six_files['piqa']}"]
     with pytest.raises(QRecoverError, match="limit must be a positive"):
-        zeroshot(model, task_files={"piqa": six_files["piqa"]}, tokenizer=tiny_tokenizer, limit=0)
+        zeroshot(model, piqa, tokenizer=tiny_tokenizer, limit=0)
     with pytest.raises(QRecoverError, match="needs its tokenizer"):
-        zeroshot(model, task_files={"piqa": six_files["piqa"]})
+        zeroshot(model, piqa)
 
 
 def test_cli_zero_shot_on_local_files_writes_a_report(tiny_model_dir, six_files, capsys):
@@ -159,6 +168,9 @@ def test_cli_zero_shot_on_local_files_writes_a_report(tiny_model_dir, six_files,
 
     assert main(["eval", str(tiny_model_dir), "--task-file", f"arc_easy={six_files['piqa']}"]) == 2
     assert "expected JSON lines with the fields question.stem" in capsys.readouterr().err
+    # --tasks all with a local file: that task runs on the file, the other five would come from the hub.
+    assert main(["eval", str(tiny_model_dir), "--tasks", "all", "--task-file", f"piqa={six_files['arc_easy']}"]) == 2
+    assert "expected JSON lines with the fields goal, sol1, sol2, label" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_model_dir), "--task-file", "arc_easy"])
 
@@ -176,7 +188,7 @@ def test_smollm2_zero_shot_accuracy_is_above_chance(smollm2_dir, shared_data):
     acc_norm 0.45 (chance 0.25), PIQA acc_norm 0.70 (chance 0.5); a broken prompt, label mapping or
     scoring lands near chance (P(>= 16/40 | p = 0.25) is about 3%, P(>= 24/40 | p = 0.5) about 13%)."""
     files = {"arc_easy": shared_data / "arc-easy-test.jsonl", "piqa": shared_data / "piqa-valid.jsonl"}
-    result = zeroshot(str(smollm2_dir), task_files=files, limit=40)
+    result = zeroshot(str(smollm2_dir), specs(files), limit=40)
     arc, piqa = result["tasks"]["arc_easy"], result["tasks"]["piqa"]
     assert arc["examples"] == piqa["examples"] == 40
     assert arc["acc_norm"] >= 0.4 and arc["acc"] >= 0.35

@@ -134,40 +134,40 @@ def _local_task(task: str, path) -> dict:
     }
 
 
-def _select(tasks, task_files: dict) -> list[str]:
+def parse_tasks(tasks) -> dict:
+    """{task: local file or None} of task specs "NAME" (standard dataset) or "NAME=PATH" (local
+    file), as a list or a comma-separated string; None means the six tasks from the hub. In TASKS order."""
     if tasks is None:
-        tasks = list(task_files) or list(TASKS)
-    wanted = {*tasks, *task_files}
-    unknown = sorted(wanted - set(TASKS))
-    if unknown:
-        raise QRecoverError(f"unknown zero-shot task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    return [t for t in TASKS if t in wanted]
+        return dict.fromkeys(TASKS)
+    specs = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    chosen = {}
+    for spec in filter(None, (str(s).strip() for s in specs)):
+        name, sep, path = spec.partition("=")
+        if name not in TASKS or (sep and not path):
+            raise QRecoverError(f"zero-shot task {spec!r} is not NAME or NAME=PATH with NAME one of {', '.join(TASKS)}")
+        if name in chosen:
+            raise QRecoverError(f"zero-shot task {name} is given twice")
+        chosen[name] = path or None
+    if not chosen:
+        raise QRecoverError(f"no zero-shot task given; choose from {', '.join(TASKS)}")
+    return {t: chosen[t] for t in TASKS if t in chosen}
 
 
-def zeroshot(
-    model,
-    tasks=None,
-    task_files: dict | None = None,
-    limit: int | None = None,
-    tokenizer=None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    dtype=None,
-) -> dict:
+def zeroshot(model, tasks=None, *, tokenizer=None, limit: int | None = None, batch_size: int = 32, device: str = "cpu", dtype=None) -> dict:
     """Zero-shot accuracy of a model on lm-eval tasks, with the paper's metric per task and their mean.
 
     model: a checkpoint or model spec (see qrecover.load), or an in-memory model with `tokenizer`.
-    tasks: task names from TASKS (default: those of task_files if any, else all six).
-    task_files: {task: local .jsonl in the task's original format}; those tasks run offline on it,
-    the others download their standard dataset. limit: only the first N examples of each task.
+    tasks: "NAME" runs lm-eval's task on its standard dataset (Hugging Face hub), "NAME=PATH" on a
+    local .jsonl in the task's original format, offline (see parse_tasks; default: all six, hub).
+    limit: only the first N examples of each task.
     """
-    task_files = dict(task_files or {})
-    selected = _select(tasks, task_files)
+    chosen = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise QRecoverError(f"limit must be a positive number of examples, not {limit}")
-    specs = [t for t in selected if t not in task_files]
-    if task_files:
-        specs.append({"group": LOCAL_GROUP, "task": [_local_task(t, p) for t, p in task_files.items()]})
+    specs = [t for t, path in chosen.items() if path is None]
+    local = [_local_task(t, path) for t, path in chosen.items() if path is not None]
+    if local:
+        specs.append({"group": LOCAL_GROUP, "task": local})
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -192,10 +192,10 @@ def zeroshot(
         )
     except ConnectionError as e:  # what datasets raises for an unreachable (or offline) hub
         raise QRecoverError(
-            f"could not get a task's dataset from the Hugging Face hub ({e}); offline, give local files "
-            f"with task_files / --task-file TASK=PATH (tasks: {', '.join(TASKS)})"
+            f"could not get a task's dataset from the Hugging Face hub ({e}); offline, give each task a local "
+            f"file in its original format as TASK=PATH (--task-file TASK=PATH; tasks: {', '.join(TASKS)})"
         ) from e
-    return _summary(name, out, selected, limit, time.perf_counter() - start)
+    return _summary(name, out, list(chosen), limit, time.perf_counter() - start)
 
 
 def _summary(name: str, out: dict, selected: list[str], limit, seconds: float) -> dict:
