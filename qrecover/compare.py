@@ -83,9 +83,14 @@ def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:
     return Path(cmp.out) / "runs" / f"{method}-w{bits}"
 
 
+RECOVERY_SETTINGS = ("train_data", "steps", "batch_size", "max_length", "lr", "lr_lora")
+
+
 def _digest(cmp: Comparison, method: str, bits: int) -> str:
-    settings = asdict(cmp) | {"method": method, "bits": bits, "preset_values": asdict(PRESETS[cmp.preset])}
-    for key in ("out", "methods"):
+    """What a stage's result depends on: a quantization stage is kept when only recovery settings change."""
+    settings = asdict(cmp) | asdict(PRESETS[cmp.preset]) | {"method": method, "bits": bits}
+    ignored = ("out", "methods", "preset") + (() if method in ("gift", "lora") else RECOVERY_SETTINGS)
+    for key in ignored:
         settings.pop(key)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

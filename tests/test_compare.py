@@ -60,3 +60,19 @@ def test_bad_comparison_settings():
 def test_bits_per_weight_rejects_unquantized(tiny_model_dir):
     with pytest.raises(QRecoverError, match="no quantized linear"):
         bits_per_weight(tiny_model_dir)
+
+
+def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
+    import dataclasses
+
+    import qrecover.compare as compare
+
+    cmp = Comparison(model="m", out="o")
+    before = {m: compare._digest(cmp, m, 3) for m in compare.METHODS}
+    reduced = compare.PRESETS["reduced"]
+    monkeypatch.setitem(compare.PRESETS, "reduced", dataclasses.replace(reduced, lr=reduced.lr * 3, steps=reduced.steps + 1))
+    after = {m: compare._digest(cmp, m, 3) for m in compare.METHODS}
+    assert {m for m in compare.METHODS if before[m] != after[m]} == {"gift", "lora"}
+    monkeypatch.setitem(compare.PRESETS, "reduced", dataclasses.replace(reduced, nsamples=reduced.nsamples * 2))
+    assert all(compare._digest(cmp, m, 3) != before[m] for m in compare.METHODS)
+    assert compare._digest(cmp, "gptq", 4) != compare._digest(cmp, "gptq", 3)
