@@ -21,7 +21,9 @@ def awq_group_size(model, wanted: int) -> int:
 
 def peer_quantize(method: str, cmp, bits: int, preset, checkpoint):
     """(quantize seconds, group size, model, tokenizer): quantize with GPTQModel, save, load for evaluation."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 2))
+    # GPTQModel's model loader asks its CPU pool for 2 workers and refuses a pool of 1 (7.7.0).
+    workers = int(os.environ.get("GPTQMODEL_CPU_WORKERS") or os.cpu_count() or 2)
+    os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, workers))
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
 

@@ -48,6 +48,18 @@ def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypat
     assert "skipped gptqmodel: the no_such_package_qrecover package is not installed (pip install" in capsys.readouterr().err
 
 
+def test_failing_peer_is_skipped_and_the_rest_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "site" / "gptqmodel"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise RuntimeError('a broken gptqmodel install')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))  # the stage processes import this one first
+    monkeypatch.syspath_prepend(str(broken.parent))
+    rows = run_compare(Comparison(model=str(tiny_model_dir), out=str(tmp_path / "c"), bits=[4], methods=["gptqmodel", "rtn"]), progress=False)
+    assert [r["method"] for r in rows] == ["rtn"]
+    err = capsys.readouterr().err
+    assert "skipped gptqmodel at 4 bits, gptqmodel failed" in err and "a broken gptqmodel install" in err
+
+
 def test_bad_comparison_settings():
     with pytest.raises(QRecoverError, match="preset 'huge'"):
         Comparison(model="m", out="o", preset="huge")
