@@ -5,7 +5,8 @@ N x L calibration tokens of wikitext2-valid.txt); then, from that same checkpoin
 training text (wikitext2-valid.txt) with the same steps, batch and sequence length:
 - gift:     salient columns trained with Gaussian noise of half the quantization step (GIFT-SW);
 - no-noise: the same without noise;
-- lora:     LoRA adapters on every projection, about as many trainable parameters.
+- lora:     LoRA adapters on every projection, about as many trainable parameters;
+- gift-s0.5 (only when asked): GIFT-SW with half the noise, an ablation.
 Each run is its own subprocess (peak memory of its own). Reports WikiText-2 test perplexity over
 the first W windows of 2048 tokens for full precision, before recovery and after each method,
 with trainable parameters, peak memory and wall time. Prints a table and writes JSON.
@@ -33,7 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = {"gift": ("gift", "gaussian"), "no-noise": ("gift", "none"), "lora": ("lora", "none")}
+# name: (method, noise, noise scale); gift-s0.5 is an ablation, not in the default set: its noise
+# std Delta/4 is about the rounding error's own (Delta/sqrt(12)), half of GIFT-SW's Delta/2.
+METHODS = {"gift": ("gift", "gaussian", 1.0), "no-noise": ("gift", "none", 1.0), "lora": ("lora", "none", 1.0),
+           "gift-s0.5": ("gift", "gaussian", 0.5)}
+DEFAULT_METHODS = ["gift", "no-noise", "lora"]
 
 
 def run_one(args) -> dict:
@@ -58,9 +63,9 @@ def run_one(args) -> dict:
             qrecover.quantize("smollm2-135m", checkpoint, cfg, calib="wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, progress=False)
         model, tokenizer = qrecover.load(checkpoint)
     else:
-        method, noise = METHODS[kind]
+        method, noise, scale = METHODS[kind]
         config = RecoverConfig(
-            data="wikitext2", method=method, noise=noise, max_length=args.seqlen, holdout=args.holdout,
+            data="wikitext2", method=method, noise=noise, noise_scale=scale, max_length=args.seqlen, holdout=args.holdout,
             train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=0, seed=0),
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +89,7 @@ def run_one(args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--salient", default="3%")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512, help="calibration and training sequence length")
@@ -92,6 +97,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lrs", type=lambda t: [float(v) for v in t.split(",")], default=[1e-4, 3e-4, 1e-3],
                         help="learning-rate grid of the pilots (one value: no pilots)")
+    parser.add_argument("--fixed-lr", action="append", default=[], metavar="METHOD=LR",
+                        help="use LR for METHOD without pilots (e.g. chosen by an earlier run's pilots); repeatable")
     parser.add_argument("--pilot-steps", type=int, default=30)
     parser.add_argument("--holdout", type=int, default=48, help="training blocks kept out for choosing the learning rate")
     parser.add_argument("--windows", type=int, default=16)
@@ -108,7 +115,7 @@ def main():
 
     def launch(run: str, **overrides) -> dict:
         values = vars(args) | overrides
-        passthrough = [a for k, v in values.items() if k not in ("one", "json", "bits", "methods", "lrs", "pilot") and v is not None
+        passthrough = [a for k, v in values.items() if k not in ("one", "json", "bits", "methods", "lrs", "pilot", "fixed_lr") and v is not None
                        for a in (f"--{k.replace('_', '-')}", str(v))] + (["--pilot"] if values.get("pilot") else [])
         print(f"running {run} {overrides or ''} ...", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--one", run, *passthrough], capture_output=True, text=True)
@@ -124,9 +131,12 @@ def main():
     for b in args.bits:
         results.append(launch(f"before:{b}"))
     chosen, pilots = {}, []
+    fixed = {kind: float(lr) for kind, _, lr in (spec.partition("=") for spec in args.fixed_lr)}
+    if set(fixed) - set(METHODS):
+        parser.error(f"--fixed-lr: unknown methods {sorted(set(fixed) - set(METHODS))}; choose from {', '.join(METHODS)}")
     for kind in args.methods:
-        if len(args.lrs) == 1:
-            chosen[kind] = args.lrs[0]
+        if kind in fixed or len(args.lrs) == 1:
+            chosen[kind] = fixed.get(kind, args.lrs[0])
             continue
         trials = [launch(f"{kind}:{args.bits[0]}", lr=lr, steps=args.pilot_steps, pilot=True) for lr in args.lrs]
         pilots += trials
