@@ -254,13 +254,8 @@ def _plots(out: Path, rows: list[dict], key: str | None) -> None:
             points = sorted((r["bits_per_weight"], r[key]) for r in rows if r["method"] == method and key in r)
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.set_xlabel("bits per weight (all stored tensors)")
-        ax.set_ylabel(key.replace("_", " "))
         ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "perplexity_vs_bits.png")
+        _save_plot(fig, ax, "bits per weight (all stored tensors)", key.replace("_", " "), out / "perplexity_vs_bits.png")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for row in rows:
@@ -269,13 +264,17 @@ def _plots(out: Path, rows: list[dict], key: str | None) -> None:
             steps = json.loads(log.read_text())["log"]
             ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=f"{row['method']} w{row['bits']}")
     if ax.lines:
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "recovery_loss.png")
+        _save_plot(fig, ax, "step", "training loss", out / "recovery_loss.png")
     plt.close(fig)
+
+
+def _save_plot(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def stage_dir_from_row(out: Path, row: dict) -> Path:
