@@ -233,7 +233,7 @@ def write_outputs(cmp: Comparison, rows: list[dict]) -> None:
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    _plots(out, rows, ppl_keys[0] if ppl_keys else None)
+    _plots(cmp, rows, ppl_keys[0] if ppl_keys else None)
 
 
 def _cell(value) -> str:
@@ -242,7 +242,8 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _plots(out: Path, rows: list[dict], key: str | None) -> None:
+def _plots(cmp: Comparison, rows: list[dict], key: str | None) -> None:
+    out = Path(cmp.out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +260,7 @@ def _plots(out: Path, rows: list[dict], key: str | None) -> None:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for row in rows:
-        log = stage_dir_from_row(out, row) / "model" / "recovery_log.json"
+        log = stage_dir(cmp, row["method"], row["bits"]) / "model" / "recovery_log.json"
         if log.is_file():
             steps = json.loads(log.read_text())["log"]
             ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=f"{row['method']} w{row['bits']}")
@@ -275,10 +276,6 @@ def _save_plot(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-
-
-def stage_dir_from_row(out: Path, row: dict) -> Path:
-    return out / "runs" / f"{row['method']}-w{row['bits']}"
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypat
     assert "skipped gptqmodel: the no_such_package_qrecover package is not installed (pip install" in capsys.readouterr().err
 
 
+def test_gptqmodel_runs_when_the_user_asks_for_one_cpu_worker(tiny_model_dir, tmp_path, monkeypatch):
+    """GPTQModel 7.7.0's loader refuses a pool of 1 worker; the peer stage raises it to 2."""
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "1")
+    rows = run_compare(Comparison(model=str(tiny_model_dir), out=str(tmp_path / "c"), bits=[4], methods=["gptqmodel"]), progress=False)
+    assert [r["method"] for r in rows] == ["gptqmodel"]
+
+
 def test_failing_peer_is_skipped_and_the_rest_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
     broken = tmp_path / "site" / "gptqmodel"
     broken.mkdir(parents=True)

@@ -127,13 +127,17 @@ def main():
         print(json.dumps(result), file=sys.stderr, flush=True)
         return result
 
+    fixed = dict(spec.partition("=")[::2] for spec in args.fixed_lr)  # checked before any run starts
+    if set(fixed) - set(METHODS):
+        parser.error(f"--fixed-lr: unknown methods {sorted(set(fixed) - set(METHODS))}; choose from {', '.join(METHODS)}")
+    try:
+        fixed = {kind: float(lr) for kind, lr in fixed.items()}
+    except ValueError:
+        parser.error(f"--fixed-lr takes METHOD=LR, e.g. gift=5e-4; got {args.fixed_lr}")
     results = [launch("full-precision:16")]
     for b in args.bits:
         results.append(launch(f"before:{b}"))
     chosen, pilots = {}, []
-    fixed = {kind: float(lr) for kind, _, lr in (spec.partition("=") for spec in args.fixed_lr)}
-    if set(fixed) - set(METHODS):
-        parser.error(f"--fixed-lr: unknown methods {sorted(set(fixed) - set(METHODS))}; choose from {', '.join(METHODS)}")
     for kind in args.methods:
         if kind in fixed or len(args.lrs) == 1:
             chosen[kind] = fixed.get(kind, args.lrs[0])
