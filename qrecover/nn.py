@@ -118,9 +118,9 @@ class QuantLinear(SalientColumns):
         w[:, self.salient_idx.long()] = self.salient_weight.to(dtype)
         return w
 
-    def hold_dense(self, hold: bool) -> None:
-        """Keep the dequantized dense part between calls (a full-precision copy: memory for speed)."""
-        self._held_dense = self.dequantize_dense(torch.float32) if hold else None
+    def hold_dense(self, hold: bool, dtype=torch.float32) -> None:
+        """Keep the dense part dequantized to dtype between calls (a full copy: memory for speed)."""
+        self._held_dense = self.dequantize_dense(dtype) if hold else None
 
     frozen_t = dequantize_dense
 

@@ -7,9 +7,14 @@ import torch
 
 from .errors import QRecoverError
 
+GRAM_BLOCK = 256  # H is symmetric: accumulate block rows from the diagonal on (~1/3 fewer flops)
+
 
 class InputStats:
-    """Accumulates, over calibration tokens, H = X^T X / N and the column norms ||X_j||_rho."""
+    """Accumulates, over calibration tokens, H = X^T X / N and the column norms ||X_j||_rho.
+
+    Only the upper block triangle of X^T X is accumulated; `hessian` mirrors it.
+    """
 
     def __init__(self, n_features: int, rho: float, hessian: bool, device, name: str = "layer"):
         self.name = name
@@ -22,7 +27,8 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self.H is not None:
-            self.H.addmm_(x.t(), x)
+            for i in range(0, x.shape[1], GRAM_BLOCK):
+                self.H[i : i + GRAM_BLOCK, i:].addmm_(x[:, i : i + GRAM_BLOCK].t(), x[:, i:])
         if math.isinf(self.rho):
             torch.maximum(self._norm, x.abs().amax(dim=0), out=self._norm)
         else:
@@ -39,7 +45,12 @@ class InputStats:
 
     @property
     def hessian(self) -> torch.Tensor | None:
-        return None if self.H is None else self.H / max(self.tokens, 1)
+        if self.H is None:
+            return None
+        H = self.H / max(self.tokens, 1)
+        for i in range(GRAM_BLOCK, H.shape[0], GRAM_BLOCK):
+            H[i:, i - GRAM_BLOCK : i] = H[i - GRAM_BLOCK : i, i:].t()
+        return H
 
     @property
     def act_norm(self) -> torch.Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -74,19 +73,6 @@ def _layer_forward(layer, x, kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
-@contextmanager
-def _dense_weights_held(layer):
-    """Keep the dequantized weights of a layer's QuantLinears while its batches pass through it."""
-    mods = [m for m in layer.modules() if isinstance(m, QuantLinear)]
-    for m in mods:
-        m.hold_dense(True)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.hold_dense(False)
-
-
 class LayerPasses:
     """Runs the calibration batches through one decoder layer as often as its sub-groups need.
 
@@ -115,7 +101,7 @@ class LayerPasses:
         return stats, inputs
 
     def replay_block(self, block: str, last, inputs: list, returns_tuple: bool) -> None:
-        with torch.no_grad(), _dense_weights_held(last):
+        with torch.no_grad():
             self.replays[block] = ([last(x) for x in inputs], returns_tuple)
 
     def outputs(self) -> list:
@@ -132,7 +118,7 @@ class LayerPasses:
                 module.forward = lambda *a, _it=replayed, **k: next(_it)
         outs = []
         try:
-            with torch.no_grad(), _dense_weights_held(self.layer):
+            with torch.no_grad():
                 for x in self.batches:
                     try:
                         outs.append(_layer_forward(self.layer, x, self.kwargs))
@@ -146,36 +132,56 @@ class LayerPasses:
         return outs
 
 
-def quantize_linear(module, name: str, stats: InputStats, config: QuantConfig, generator, salient_dtype):
-    """(QuantLinear, report) for one nn.Linear given its input statistics."""
-    start = time.perf_counter()
-    W = module.weight.detach().float()
-    if not torch.isfinite(W).all():
-        raise QRecoverError(f"the weights of {name} contain NaN or Inf; the model file is broken")
-    spec = config.resolve(name, module.in_features)
-    salient, chosen_scores = torch.empty(0, dtype=torch.long), []
-    if spec.n_salient:
-        scores = column_scores(W, stats.act_norm, config.metric_spec, spec.bits, generator)
-        salient = select_salient(scores, spec.n_salient)
-        chosen_scores = scores.cpu()[salient].tolist()
+def quantize_linears(modules: dict, prefix: str, stats: InputStats, config: QuantConfig, generator, salient_dtype):
+    """{short name: (QuantLinear, report)} for nn.Linears that read the same inputs (one InputStats).
+
+    Modules that also share bits, group size and salient columns are solved as one GPTQ problem with
+    their rows stacked: rows are quantized independently given H, so the result is the same as
+    solving them one by one, but the sequential column walk and the Cholesky run once (q/k/v and
+    gate/up at k = 0, or with an activation-only metric).
+    """
     H = stats.hessian
-    result = gptq_quantize(
-        W, H if config.method == "gptq" else None, spec.bits, spec.group_size, config.sym,
-        config.mse_clip, salient, config.desc_act, config.damp, config.group_aware,
-    )
-    qlinear = QuantLinear.from_result(result, module.bias, salient_dtype)
-    report = {
-        "module": name,
-        "bits": spec.bits,
-        "group_size": spec.group_size,
-        "salient": spec.n_salient,
-        "error": output_error(W, qlinear.dequantize(), H),
-        "damp": result.damp,
-        "seconds": round(time.perf_counter() - start, 4),
-        "salient_idx": salient.tolist(),
-        "salient_scores": chosen_scores,
-    }
-    return qlinear, report
+    problems = {}  # (bits, group size, salient columns) -> [(short, W, salient scores)]
+    for short, module in modules.items():
+        name = f"{prefix}.{short}"
+        W = module.weight.detach().float()
+        if not torch.isfinite(W).all():
+            raise QRecoverError(f"the weights of {name} contain NaN or Inf; the model file is broken")
+        spec = config.resolve(name, module.in_features)
+        salient, chosen_scores = torch.empty(0, dtype=torch.long), []
+        if spec.n_salient:
+            scores = column_scores(W, stats.act_norm, config.metric_spec, spec.bits, generator)
+            salient = select_salient(scores, spec.n_salient)
+            chosen_scores = scores.cpu()[salient].tolist()
+        key = (spec.bits, spec.group_size, tuple(salient.tolist()))
+        problems.setdefault(key, []).append((short, W, chosen_scores))
+
+    done = {}
+    for (bits, group_size, salient), members in problems.items():
+        start = time.perf_counter()
+        result = gptq_quantize(
+            torch.cat([W for _, W, _ in members]), H if config.method == "gptq" else None, bits, group_size,
+            config.sym, config.mse_clip, torch.tensor(salient, dtype=torch.long), config.desc_act, config.damp,
+            config.group_aware,
+        )
+        row = 0
+        for short, W, chosen_scores in members:
+            own = result.rows(row, row + W.shape[0])
+            row += W.shape[0]
+            qlinear = QuantLinear.from_result(own, modules[short].bias, salient_dtype)
+            done[short] = qlinear, {
+                "module": f"{prefix}.{short}",
+                "bits": bits,
+                "group_size": group_size,
+                "salient": len(salient),
+                "error": output_error(W, qlinear.dequantize(), H),
+                "damp": result.damp,
+                "seconds": round((time.perf_counter() - start) / len(members), 4),
+                "solved_with": [f"{prefix}.{other}" for other, _, _ in members if other != short],
+                "salient_idx": list(salient),
+                "salient_scores": chosen_scores,
+            }
+    return done
 
 
 def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, generator, salient_dtype):
@@ -184,17 +190,24 @@ def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, gen
     passes = LayerPasses(layer, batches, kwargs)
     ends_block = {last: (block, returns_tuple) for block, last, returns_tuple in REPLAYABLE_BLOCKS}
     reports = []
-    for group in SUBGROUPS:
-        keep = len(group) == 1 and group[0] in ends_block
-        stats, inputs = passes.observe(linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
-        for short in group:
-            qlinear, report = quantize_linear(linears[short], f"{prefix}.{short}", stats, config, generator, salient_dtype)
-            set_submodule(layer, short, qlinear)
-            reports.append(report)
-        if keep:
-            block, returns_tuple = ends_block[group[0]]
-            passes.replay_block(block, layer.get_submodule(group[0]), inputs, returns_tuple)
-    return reports, passes.outputs()
+    try:
+        for group in SUBGROUPS:
+            keep = len(group) == 1 and group[0] in ends_block
+            stats, inputs = passes.observe(linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
+            solved = quantize_linears({short: linears[short] for short in group}, prefix, stats, config, generator, salient_dtype)
+            for short in group:
+                qlinear, report = solved[short]
+                qlinear.hold_dense(True, batches[0].dtype)  # dequantized once for every later pass
+                set_submodule(layer, short, qlinear)
+                reports.append(report)
+            if keep:
+                block, returns_tuple = ends_block[group[0]]
+                passes.replay_block(block, layer.get_submodule(group[0]), inputs, returns_tuple)
+        return reports, passes.outputs()
+    finally:
+        for m in layer.modules():
+            if isinstance(m, QuantLinear):
+                m.hold_dense(False)
 
 
 def _config_digest(config: QuantConfig, samples: torch.Tensor) -> str:

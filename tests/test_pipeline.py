@@ -112,3 +112,37 @@ def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(QRecoverError, match="unsupported architecture 'gpt2'"):
         check_supported(model)
+
+
+def test_modules_sharing_inputs_are_solved_together_exactly():
+    """q/k/v at k = 0 are one stacked GPTQ problem; each module's result equals its own solve."""
+    from qrecover.observer import InputStats
+    from qrecover.pipeline import quantize_linears
+    from qrecover.quant.gptq import gptq_quantize
+
+    layer = decoder_layers(tiny_model())[0]
+    linears = layer_linears(layer)
+    group = {short: linears[short] for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    n = group["self_attn.q_proj"].in_features
+    stats = InputStats(n, float("inf"), hessian=True, device="cpu")
+    stats.add(torch.randn(300, n) * torch.linspace(0.1, 3, n))
+    config = QuantConfig(bits=3, group_size=32)
+    solved = quantize_linears(group, "model.layers.0", stats, config, torch.Generator(), torch.float16)
+    for short, module in group.items():
+        alone = gptq_quantize(module.weight.detach(), stats.hessian, 3, 32, True, config.mse_clip, torch.empty(0, dtype=torch.long))
+        qlinear, report = solved[short]
+        assert torch.equal(qlinear.dequantize(), QuantLinear.from_result(alone, None).dequantize())
+        assert len(report["solved_with"]) == 2
+
+
+def test_hessian_is_the_full_symmetric_gram_matrix():
+    from qrecover.observer import GRAM_BLOCK, InputStats
+
+    n = GRAM_BLOCK * 2 + 17  # three block rows, the last one partial
+    x = torch.randn(2, 50, n)
+    stats = InputStats(n, 2.0, hessian=True, device="cpu")
+    stats.add(x[0])
+    stats.add(x[1])
+    flat = x.reshape(-1, n)
+    assert torch.allclose(stats.hessian, flat.t() @ flat / 100, atol=1e-4)
+    assert torch.allclose(stats.act_norm, flat.norm(dim=0))

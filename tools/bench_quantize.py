@@ -1,9 +1,10 @@
 """Quantization benchmark: qrecover vs GPTQModel on SmolLM2-135M-Instruct, same machine, same run.
 
-Every configuration runs in its own subprocess (so peak memory is its own), quantizes with the same
-calibration tokens (N samples x L tokens from wikitext2-valid.txt), and reports the wall time of
-the quantization alone, the peak resident memory up to the end of quantization, and WikiText-2
-test perplexity over the first W windows of 2048 tokens.
+Every configuration runs in its own subprocess (so peak memory is its own), computes in the same
+dtype (bfloat16 by default, GPTQModel's choice on CPU), quantizes with the same calibration tokens
+(N samples x L tokens from wikitext2-valid.txt), and reports the wall time of the quantization
+alone, the peak resident memory up to the end of quantization, and WikiText-2 test perplexity over
+the first W windows of 2048 tokens.
 
     .venv/bin/python tools/bench_quantize.py                 # the full table (about 30 minutes on 2 cores)
     .venv/bin/python tools/bench_quantize.py --only qrecover-w4 gptqmodel-w4 --windows 4
@@ -52,7 +53,7 @@ def run_one(name: str, args) -> dict:
 
     tool, bits, salient = CONFIGS[name]
     model_dir = str(reference_model_dir())
-    model, tokenizer = load_pretrained(model_dir)
+    model, tokenizer = load_pretrained(model_dir, dtype=getattr(torch, args.dtype))
     samples = calibration_samples(tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
     tokens = eval_tokens(tokenizer, "wikitext2")
     result = {"name": name, "tool": tool, "bits": bits, "salient": salient, "group_size": args.group_size}
@@ -101,6 +102,10 @@ def main():
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 2048 tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+        help="dtype qrecover loads the model in (default bfloat16: what GPTQModel computes in on CPU)",
+    )
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench_quantize.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration here
     args = parser.parse_args()

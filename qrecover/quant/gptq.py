@@ -37,6 +37,19 @@ class QuantResult:
     bits: int
     damp: float  # the dampening finally used (raised when Cholesky failed)
 
+    def rows(self, start: int, end: int) -> "QuantResult":
+        """The result for output rows start:end (rows are quantized independently of each other)."""
+        return QuantResult(
+            codes=self.codes[start:end],
+            scales=self.scales[:, start:end],
+            zeros=self.zeros[:, start:end],
+            g_idx=self.g_idx,
+            salient_idx=self.salient_idx,
+            salient_weight=self.salient_weight[start:end],
+            bits=self.bits,
+            damp=self.damp,
+        )
+
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] this result computes with, salient columns included."""
         g = self.g_idx.long()
@@ -157,12 +170,12 @@ def gptq_quantize(
         W1 = Wt[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[i]
-            q = quantize(w, s, z, maxq)
-            codes[i1 + i] = q
-            err = Err1[i]
-            torch.sub(w, dequantize(q, s, z), out=err).div_(Hinv1[i, i])
+        # The column loop is the sequential heart of GPTQ: in-place ops on preallocated rows (the
+        # same arithmetic as grid.quantize / grid.dequantize) keep its per-column overhead low.
+        for i, d in enumerate(Hinv1.diagonal().tolist()):
+            w, q, err = W1[i], codes[i1 + i], Err1[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.addcmul(w, s, torch.sub(q, z, out=err), value=-1, out=err).div_(d)
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
@@ -186,7 +199,8 @@ def gptq_quantize(
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 over the calibration inputs (H = X^T X / N)."""
-    D = (W.float() - W_hat.float()).to(H.device)
-    num = torch.einsum("oi,ij,oj->", D, H, D)
-    den = torch.einsum("oi,ij,oj->", W.float().to(H.device), H, W.float().to(H.device))
+    W = W.float().to(H.device)
+    D = W - W_hat.float().to(H.device)
+    num = (D @ H).mul_(D).sum()
+    den = (W @ H).mul_(W).sum()
     return float(num / den.clamp(min=1e-30))

@@ -68,6 +68,8 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse: bool):
 def _best_shrink(w, lo, hi, shrinks, maxq: int, sym: bool):
     """The shrink factor [rows, 1] among shrinks [P, rows or 1, 1] with the least squared error."""
     s, z = _range_to_grid(shrinks * lo, shrinks * hi, maxq, sym)
-    err = (quantize_dequantize(w, s, z, maxq) - w).square_().sum(dim=2, keepdim=True)
+    # quantize_dequantize(w, s, z) - w, in place on one [P, rows, cols] buffer
+    err = torch.div(w, s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(w)
+    err = err.square_().sum(dim=2, keepdim=True)
     best = err.argmin(dim=0, keepdim=True)
     return shrinks.expand_as(err).gather(0, best).squeeze(0)
