@@ -179,6 +179,8 @@ def _add_recover(sub):
     p.add_argument("--salient", default="128", help="unquantized models: salient columns per layer, count/fraction/percentage (default 128)")
     p.add_argument("--metric", default="gift", choices=sorted(METRICS), help="unquantized models: salient-column metric (default gift)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--cache-weights", action="store_true", help="keep the dequantized frozen weights during training: "
+                   "faster steps, for a float32 copy of the quantized weights in memory")
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints (default 50; 0 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the noise")
     p.add_argument("--device", help="training device (default: cuda if available, else cpu)")
@@ -202,7 +204,7 @@ def _run_recover(args):
     config = RecoverConfig(
         data=args.data, method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
         max_length=args.max_length, holdout=args.holdout, train_norms=args.train_norms, lora_rank=args.lora_rank,
-        salient=args.salient, metric=args.metric, train=train,
+        salient=args.salient, metric=args.metric, cache_weights=args.cache_weights, train=train,
     )
     result = recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)
     summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}

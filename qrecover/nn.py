@@ -29,6 +29,7 @@ class SalientColumns(nn.Module):
 
     noise: NoiseConfig | None = None
     _fixed_step: torch.Tensor | None = None
+    _held_dense: torch.Tensor | None = None  # QuantLinear.hold_dense
 
     def enable_noise(self, noise: NoiseConfig, clock: NoiseClock, layer_id: int) -> None:
         self.noise, self._clock, self._layer_id = noise, clock, layer_id
@@ -45,7 +46,8 @@ class SalientColumns(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise is not None and self.noise.kind != "none":
             seed = self._clock.seed_for(self._layer_id)
-            y = noisy_matmul(x, self.frozen_t, self.noise_step, self.salient_idx, self.noise, seed)
+            keep = self._held_dense is not None  # memory already traded for speed: keep W + E too
+            y = noisy_matmul(x, self.frozen_t, self.noise_step, self.salient_idx, self.noise, seed, keep)
             return torch_ref.add_columns(y, x, self.salient_idx, self.salient_weight, self.bias)
         return self.forward_frozen(x)
 
@@ -122,7 +124,10 @@ class QuantLinear(SalientColumns):
         """Keep the dense part dequantized to dtype between calls (a full copy: memory for speed)."""
         self._held_dense = self.dequantize_dense(dtype) if hold else None
 
-    frozen_t = dequantize_dense
+    def frozen_t(self, dtype=torch.float32) -> torch.Tensor:
+        """The frozen dense part [in, out]: the held copy when there is one, else unpacked now."""
+        held = self._held_dense
+        return held.to(dtype) if held is not None else self.dequantize_dense(dtype)
 
     def own_step(self) -> torch.Tensor:
         return self.scales[self.g_idx.long()]

@@ -40,6 +40,9 @@ class RecoverConfig:
     noise_bits: int | None = None  # fixed noise bit width; default: the layer's own grid (4 for unquantized)
     max_length: int = 512
     holdout: int = 0  # examples kept out of training to measure a held-out loss before and after
+    # Keep each quantized layer's dequantized weight during training instead of unpacking it in every
+    # forward and backward: faster steps for a float32 copy of the quantized weights in memory.
+    cache_weights: bool = False
     train_norms: bool = False
     lora_rank: int | None = None  # default: about as many parameters as the salient columns
     # Unquantized models only: which columns to train.
@@ -184,6 +187,13 @@ def merge_salient(model) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, SalientLinear):
             set_submodule(model, name, module.merged())
+
+
+def hold_frozen_weights(model, hold: bool) -> None:
+    """Keep (hold=True) or drop the dequantized weight of every quantized layer (cache_weights)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.hold_dense(hold)
 
 
 def finish_gift(model) -> None:
