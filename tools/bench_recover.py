@@ -66,6 +66,7 @@ def run_one(args) -> dict:
         method, noise, scale = METHODS[kind]
         config = RecoverConfig(
             data="wikitext2", method=method, noise=noise, noise_scale=scale, max_length=args.seqlen, holdout=args.holdout,
+            cache_weights=args.weights == "cached",
             train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=0, seed=0),
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +103,8 @@ def main():
     parser.add_argument("--pilot-steps", type=int, default=30)
     parser.add_argument("--holdout", type=int, default=48, help="training blocks kept out for choosing the learning rate")
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--weights", default="cached", choices=("cached", "unpacked"),
+                        help="frozen weights during training: kept dequantized (faster, default) or unpacked at every use; same results")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_recover"), help="where the quantized checkpoints are kept")
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench_recover.json"))
