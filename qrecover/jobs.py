@@ -15,10 +15,11 @@ from .errors import QRecoverError
 from .eval.perplexity import perplexity
 from .io import REPORT, is_checkpoint, load, load_checkpoint, save_checkpoint
 from .models import load_pretrained
+from .nn import hold_dense_weights
 from .noise import NoiseClock
 from .pipeline import quantize_model
 from .recover import (
-    RecoverConfig, add_lora, add_salient_columns, finish_gift, hold_frozen_weights, is_quantized, lora_rank_for,
+    RecoverConfig, add_lora, add_salient_columns, finish_gift, is_quantized, lora_rank_for,
     merge_salient, prepare, recovery_summary, salient_params,
 )
 from .train import mean_loss, plot_loss, train
@@ -148,11 +149,11 @@ def recover(
     dev_loss_before = mean_loss(net, held_out, pad_id) if held_out else None
     settings = {"model": str(model), **{k: v for k, v in config.to_dict().items() if k != "train"}}
     settings.update({k: v for k, v in config.to_dict()["train"].items() if k != "save_every"})
-    hold_frozen_weights(net, config.cache_weights)
+    hold_dense_weights(net, config.cache_weights)  # see RecoverConfig.cache_weights
     try:
         state = train(net, examples, pad_id, config.train, settings, work_dir_for(out), clock, progress)
     finally:
-        hold_frozen_weights(net, False)
+        hold_dense_weights(net, False)
     if not process.is_main_process:
         return {"out": str(out), "final_loss": state.log[-1]["loss"] if state.log else None}
     net = net.cpu()

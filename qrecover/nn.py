@@ -144,6 +144,13 @@ class QuantLinear(SalientColumns):
         )
 
 
+def hold_dense_weights(model: nn.Module, hold: bool) -> None:
+    """Keep (hold=True, float32) or drop the dequantized dense part of every QuantLinear in model."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.hold_dense(hold)
+
+
 class SalientLinear(SalientColumns):
     """An nn.Linear whose salient input columns are trainable and the rest frozen.
 

@@ -61,7 +61,7 @@ class _NoisyMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.kept if ctx.kept is not None and ctx.kept.dtype == grad.dtype else ctx.make_weight(grad.dtype, ctx.seed)
+        w = ctx.kept if ctx.kept is not None else ctx.make_weight(grad.dtype, ctx.seed)
         return grad @ w.t(), None, None, None
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .errors import QRecoverError
 from .models import REPLAYABLE_BLOCKS, SUBGROUPS, decoder_layers, layer_linears, set_submodule
-from .nn import QuantLinear
+from .nn import QuantLinear, hold_dense_weights
 from .observer import InputStats
 from .quant.gptq import gptq_quantize, output_error
 from .saliency import column_scores, select_salient
@@ -205,9 +205,7 @@ def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, gen
                 passes.replay_block(block, layer.get_submodule(group[0]), inputs, returns_tuple)
         return reports, passes.outputs()
     finally:
-        for m in layer.modules():
-            if isinstance(m, QuantLinear):
-                m.hold_dense(False)
+        hold_dense_weights(layer, False)
 
 
 def _config_digest(config: QuantConfig, samples: torch.Tensor) -> str:

@@ -189,13 +189,6 @@ def merge_salient(model) -> None:
             set_submodule(model, name, module.merged())
 
 
-def hold_frozen_weights(model, hold: bool) -> None:
-    """Keep (hold=True) or drop the dequantized weight of every quantized layer (cache_weights)."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.hold_dense(hold)
-
-
 def finish_gift(model) -> None:
     """Leave training mode: no noise, salient columns back in their storage dtype."""
     for m in salient_modules(model):

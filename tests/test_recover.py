@@ -120,13 +120,13 @@ def test_training_lowers_the_loss(quantized_tiny, tiny_tokenizer):
 
 @pytest.mark.parametrize("noise", ["gaussian", "none"])
 def test_cached_weights_train_exactly_like_unpacked_ones(quantized_tiny, tiny_tokenizer, noise):
-    from qrecover.recover import hold_frozen_weights
+    from qrecover.nn import hold_dense_weights
 
     config = RecoverConfig(noise=noise, train=TrainConfig(steps=3, batch_size=2, lr=1e-2))
     runs = []
     for cache in (False, True):
         model, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
-        hold_frozen_weights(model, cache)
+        hold_dense_weights(model, cache)
         assert all((m._held_dense is not None) == cache for m in model.modules() if isinstance(m, QuantLinear))
         train(model, examples, 0, config.train, {}, clock=clock, progress=False)
         runs.append({k: v for k, v in model.state_dict().items() if k.endswith("salient_weight")})

@@ -170,12 +170,12 @@ def gptq_quantize(
         W1 = Wt[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        # The column loop is the sequential heart of GPTQ: in-place ops on preallocated rows (the
-        # same arithmetic as grid.quantize / grid.dequantize) keep its per-column overhead low.
+        # The column loop is the sequential heart of GPTQ: writing into preallocated rows keeps its
+        # per-column overhead low.
         for i, d in enumerate(Hinv1.diagonal().tolist()):
             w, q, err = W1[i], codes[i1 + i], Err1[i]
-            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
-            torch.addcmul(w, s, torch.sub(q, z, out=err), value=-1, out=err).div_(d)
+            quantize(w, s, z, maxq, out=q)
+            torch.sub(w, dequantize(q, s, z, out=err), out=err).div_(d)
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 

@@ -18,13 +18,14 @@ TRIAL_ELEMENTS = 2**25  # bound on trials x rows x cols held at once (rows are s
 MIN_SCALE = torch.finfo(torch.float16).tiny
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes (as floats) of w on the grid."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, out=None) -> torch.Tensor:
+    """Integer codes (as floats) of w on the grid; `out` (may be w's own shape) avoids an allocation."""
+    return torch.div(w, scale, out=out).round_().add_(zero).clamp_(0, maxq)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (codes - zero)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out=None) -> torch.Tensor:
+    """scale * (codes - zero); `out` may be codes itself."""
+    return torch.sub(codes, zero, out=out).mul_(scale)
 
 
 def quantize_dequantize(w, scale, zero, maxq):
@@ -68,8 +69,7 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, mse: bool):
 def _best_shrink(w, lo, hi, shrinks, maxq: int, sym: bool):
     """The shrink factor [rows, 1] among shrinks [P, rows or 1, 1] with the least squared error."""
     s, z = _range_to_grid(shrinks * lo, shrinks * hi, maxq, sym)
-    # quantize_dequantize(w, s, z) - w, in place on one [P, rows, cols] buffer
-    err = torch.div(w, s).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(w)
-    err = err.square_().sum(dim=2, keepdim=True)
+    q = quantize(w, s, z, maxq)  # one [P, rows, cols] buffer, reused for the error
+    err = dequantize(q, s, z, out=q).sub_(w).square_().sum(dim=2, keepdim=True)
     best = err.argmin(dim=0, keepdim=True)
     return shrinks.expand_as(err).gather(0, best).squeeze(0)
