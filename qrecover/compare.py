@@ -44,8 +44,8 @@ class Preset:
     # beat 1e-4 for GIFT-SW, no-noise and LoRA alike (docs/BENCHMARKS.md).
     lr: float = 5e-4
     lr_lora: float = 5e-4
-    # Recovery keeps the dequantized weights in memory (faster steps, identical results): fine for
-    # the small models the reduced preset is sized for, not for a 7B model on one GPU.
+    # Recovery and evaluation keep the dequantized weights in memory (faster, same results up to
+    # float rounding): fine for the small models the reduced preset is sized for, not for a 7B model on one GPU.
     cache_weights: bool = False
 
 
@@ -127,6 +127,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             if progress:
                 print(f"qrecover compare: {method} at {bits} bits ...", file=sys.stderr, flush=True)
             spec = {"comparison": asdict(cmp), "method": method, "bits": bits, "digest": digest}
+            start = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "qrecover.compare", json.dumps(spec)], capture_output=True, text=True)
             if done.returncode != 0 or not result_path.is_file():
                 tail = (done.stderr or done.stdout)[-3000:]
@@ -134,9 +135,47 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
                     print(f"qrecover compare: skipped {method} at {bits} bits, {PEER_PACKAGE[method]} failed:\n{tail}", file=sys.stderr)
                     continue
                 raise QRecoverError(f"compare stage {method} at {bits} bits failed:\n{tail}")
-            rows.append(json.loads(result_path.read_text()))
+            # The stage's whole cost, its process start and imports included.
+            row = json.loads(result_path.read_text()) | {"stage_seconds": round(time.perf_counter() - start, 2)}
+            atomic_write_json(result_path, row)
+            rows.append(row)
     write_outputs(cmp, rows)
+    if progress:
+        print(f"qrecover compare: {time_summary(cmp, rows)}", file=sys.stderr)
     return rows
+
+
+def full_preset_seconds(cmp: Comparison, rows: list[dict]) -> float:
+    """What these stages would take with the full preset on the same machine, from their measured parts.
+
+    Quantization and recovery time are scaled linearly by calibration and training tokens, perplexity
+    by windows; zero-shot evaluation and the rest of a stage (process start, loading, saving) stay as
+    measured. The GPTQ solve does not grow with tokens, so quantization is overestimated.
+    """
+    this, full = PRESETS[cmp.preset], PRESETS["full"]
+    calib = full.nsamples * full.seqlen / (this.nsamples * this.seqlen)
+    train = full.steps * full.batch_size * full.max_length / (this.steps * this.batch_size * this.max_length)
+    total = 0.0
+    for row in rows:
+        windows = row.get("perplexity_windows") or 1
+        full_windows = row.get("perplexity_windows_all") if full.eval_windows is None else full.eval_windows
+        parts = {
+            "quantize_seconds": calib,
+            "recover_seconds": train,
+            "perplexity_seconds": (full_windows or windows) / windows,
+        }
+        measured = {key: row.get(key) or 0.0 for key in parts}
+        total += row.get("stage_seconds", row["seconds"]) - sum(measured.values())
+        total += sum(measured[key] * ratio for key, ratio in parts.items())
+    return total
+
+
+def time_summary(cmp: Comparison, rows: list[dict]) -> str:
+    spent = sum(r.get("stage_seconds", r["seconds"]) for r in rows)
+    line = f"the {len(rows)} stages took {spent / 60:.1f} min in all"
+    if cmp.preset != "full":
+        line += f"; the full preset would take about {full_preset_seconds(cmp, rows) / 3600:.1f} h on this machine (extrapolated from these stages)"
+    return line
 
 
 def _ensure(cmp: Comparison, method: str, bits: int, rows: list) -> None:
@@ -155,6 +194,7 @@ def run_stage(spec: dict) -> None:
     from .config import QuantConfig
     from .footprint import stored_bits
     from .io import load
+    from .nn import hold_dense_weights
     from .recover import RecoverConfig, load_lora
     from .train import TrainConfig
 
@@ -198,6 +238,8 @@ def run_stage(spec: dict) -> None:
     result["bits_per_weight"] = round(bits_ / weights, 4)
     if model is None:
         model, tokenizer = load(checkpoint, device=cmp.device or "cpu")
+    if preset.cache_weights:  # evaluation too computes with the dequantized weights (memory for speed)
+        hold_dense_weights(model, True)
     result.update(_evaluate(cmp, model, tokenizer, preset))
     result["seconds"] = round(time.perf_counter() - start, 2)
     atomic_write_json(where / "result.json", result)
@@ -207,10 +249,14 @@ def _evaluate(cmp: Comparison, model, tokenizer, preset: Preset) -> dict:
     from .data import eval_tokens, source_label
     from .eval.perplexity import perplexity
 
-    results = {}
+    results = {"perplexity_seconds": 0.0, "perplexity_windows": 0, "perplexity_windows_all": 0}
     for dataset in cmp.eval_datasets:
-        ppl = perplexity(model, eval_tokens(tokenizer, dataset), max_windows=preset.eval_windows, progress=False)
+        tokens = eval_tokens(tokenizer, dataset)
+        ppl = perplexity(model, tokens, max_windows=preset.eval_windows, progress=False)
         results[f"{source_label(dataset)}_perplexity"] = ppl["perplexity"]
+        results["perplexity_seconds"] += ppl["seconds"]
+        results["perplexity_windows"] += ppl["windows"]
+        results["perplexity_windows_all"] += tokens.shape[1] // ppl["seqlen"]
     if cmp.tasks:
         from .eval.zeroshot import zeroshot
 
@@ -232,10 +278,14 @@ def write_outputs(cmp: Comparison, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_json(out / "comparison.json", {"comparison": asdict(cmp), "preset": asdict(PRESETS[cmp.preset]), "rows": rows})
+    times = {"stage_seconds": round(sum(r.get("stage_seconds", r["seconds"]) for r in rows), 1)}
+    if cmp.preset != "full":
+        times["full_preset_estimate_seconds"] = round(full_preset_seconds(cmp, rows))
+    atomic_write_json(out / "comparison.json", {"comparison": asdict(cmp), "preset": asdict(PRESETS[cmp.preset]), "rows": rows, "time": times})
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    lines += ["", f"Time: {time_summary(cmp, rows)}."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     _plots(cmp, rows, ppl_keys[0] if ppl_keys else None)
 

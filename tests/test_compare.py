@@ -29,7 +29,11 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
 
     out = tmp_path / "cmp"
     table = (out / "comparison.md").read_text()
-    assert table.count("\n") == 2 + len(rows) and "gptqmodel" in table
+    assert table.count("\n") == 4 + len(rows) and "gptqmodel" in table
+    assert "stages took" in table and "the full preset would take about" in table
+    times = json.loads((out / "comparison.json").read_text())["time"]
+    assert times["stage_seconds"] >= sum(r["seconds"] for r in rows)
+    assert times["full_preset_estimate_seconds"] > times["stage_seconds"]
     assert len(list(csv.DictReader(open(out / "comparison.csv")))) == len(rows)
     assert (out / "perplexity_vs_bits.png").stat().st_size > 1000 and (out / "recovery_loss.png").is_file()
 
@@ -95,3 +99,20 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
     monkeypatch.setitem(compare.PRESETS, "reduced", dataclasses.replace(reduced, nsamples=reduced.nsamples * 2))
     assert all(compare._digest(cmp, m, 3) != before[m] for m in compare.METHODS)
     assert compare._digest(cmp, "gptq", 4) != compare._digest(cmp, "gptq", 3)
+
+
+def test_full_preset_time_scales_each_measured_part_by_its_work():
+    from qrecover.compare import PRESETS, full_preset_seconds
+
+    reduced, full = PRESETS["reduced"], PRESETS["full"]
+    calib = full.nsamples * full.seqlen / (reduced.nsamples * reduced.seqlen)
+    train = full.steps * full.batch_size * full.max_length / (reduced.steps * reduced.batch_size * reduced.max_length)
+    rows = [
+        # 10 s quantizing, 4 of 100 windows in 8 s, 30 s of the rest (zero-shot, loading, process start)
+        {"quantize_seconds": 10.0, "perplexity_seconds": 8.0, "perplexity_windows": 4, "perplexity_windows_all": 100,
+         "seconds": 40.0, "stage_seconds": 48.0},
+        {"recover_seconds": 20.0, "perplexity_seconds": 8.0, "perplexity_windows": 4, "perplexity_windows_all": 100,
+         "seconds": 50.0, "stage_seconds": 55.0},
+    ]
+    expected = (30 + 10 * calib + 8 * 25) + (27 + 20 * train + 8 * 25)
+    assert full_preset_seconds(Comparison(model="m", out="o"), rows) == pytest.approx(expected)
