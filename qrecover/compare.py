@@ -11,7 +11,7 @@ For every bit width, on the same calibration tokens:
 Each stage runs in its own process (its own peak memory) and leaves `<out>/runs/<method>-w<bits>/`
 with its checkpoint and `result.json`; a rerun with the same settings reuses finished stages.
 The table goes to comparison.md / .csv / .json, with a perplexity-vs-bits plot and the recovery
-loss curves.
+loss curves, and the time the stages took with an estimate of what the full preset would take.
 """
 from __future__ import annotations
 
