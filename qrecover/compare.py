@@ -139,9 +139,9 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             row = json.loads(result_path.read_text()) | {"stage_seconds": round(time.perf_counter() - start, 2)}
             atomic_write_json(result_path, row)
             rows.append(row)
-    write_outputs(cmp, rows)
+    times = write_outputs(cmp, rows)
     if progress:
-        print(f"qrecover compare: {time_summary(cmp, rows)}", file=sys.stderr)
+        print(f"qrecover compare: {time_summary(times)}", file=sys.stderr)
     return rows
 
 
@@ -170,11 +170,19 @@ def full_preset_seconds(cmp: Comparison, rows: list[dict]) -> float:
     return total
 
 
-def time_summary(cmp: Comparison, rows: list[dict]) -> str:
-    spent = sum(r.get("stage_seconds", r["seconds"]) for r in rows)
-    line = f"the {len(rows)} stages took {spent / 60:.1f} min in all"
+def run_time(cmp: Comparison, rows: list[dict]) -> dict:
+    """Seconds the stages took, and (for a smaller preset) what the full preset would take."""
+    times = {"stages": len(rows), "stage_seconds": round(sum(r.get("stage_seconds", r["seconds"]) for r in rows), 1)}
     if cmp.preset != "full":
-        line += f"; the full preset would take about {full_preset_seconds(cmp, rows) / 3600:.1f} h on this machine (extrapolated from these stages)"
+        times["full_preset_estimate_seconds"] = round(full_preset_seconds(cmp, rows))
+    return times
+
+
+def time_summary(times: dict) -> str:
+    line = f"the {times['stages']} stages took {times['stage_seconds'] / 60:.1f} min in all"
+    if "full_preset_estimate_seconds" in times:
+        line += (f"; the full preset would take about {times['full_preset_estimate_seconds'] / 3600:.1f} h "
+                 "on this machine (extrapolated from these stages)")
     return line
 
 
@@ -264,7 +272,8 @@ def _evaluate(cmp: Comparison, model, tokenizer, preset: Preset) -> dict:
     return results
 
 
-def write_outputs(cmp: Comparison, rows: list[dict]) -> None:
+def write_outputs(cmp: Comparison, rows: list[dict]) -> dict:
+    """Write the table, files and plots; returns run_time's summary."""
     out = Path(cmp.out)
     out.mkdir(parents=True, exist_ok=True)
     ppl_keys = [f"{Path(d).stem}_perplexity" for d in cmp.eval_datasets]
@@ -278,16 +287,15 @@ def write_outputs(cmp: Comparison, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    times = {"stage_seconds": round(sum(r.get("stage_seconds", r["seconds"]) for r in rows), 1)}
-    if cmp.preset != "full":
-        times["full_preset_estimate_seconds"] = round(full_preset_seconds(cmp, rows))
+    times = run_time(cmp, rows)
     atomic_write_json(out / "comparison.json", {"comparison": asdict(cmp), "preset": asdict(PRESETS[cmp.preset]), "rows": rows, "time": times})
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
-    lines += ["", f"Time: {time_summary(cmp, rows)}."]
+    lines += ["", f"Time: {time_summary(times)}."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     _plots(cmp, rows, ppl_keys[0] if ppl_keys else None)
+    return times
 
 
 def _cell(value) -> str:
