@@ -6,7 +6,7 @@ training text (wikitext2-valid.txt) with the same steps, batch and sequence leng
 - gift:     salient columns trained with Gaussian noise of half the quantization step (GIFT-SW);
 - no-noise: the same without noise;
 - lora:     LoRA adapters on every projection, about as many trainable parameters;
-- gift-s0.5 (only when asked): GIFT-SW with half the noise, an ablation.
+- gift-s0.5, gift-s0.25 (only when asked): GIFT-SW with half or a quarter of the noise, ablations.
 Each run is its own subprocess (peak memory of its own). Reports WikiText-2 test perplexity over
 the first W windows of 2048 tokens for full precision, before recovery and after each method,
 with trainable parameters, peak memory and wall time. Prints a table and writes JSON.
@@ -34,10 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name: (method, noise, noise scale); gift-s0.5 is an ablation, not in the default set: its noise
-# std Delta/4 is about the rounding error's own (Delta/sqrt(12)), half of GIFT-SW's Delta/2.
+# name: (method, noise, noise scale); gift-s0.5 and gift-s0.25 are ablations, not in the default set:
+# noise std Delta/4 (about the rounding error's own, Delta/sqrt(12)) and Delta/8, against GIFT-SW's Delta/2.
 METHODS = {"gift": ("gift", "gaussian", 1.0), "no-noise": ("gift", "none", 1.0), "lora": ("lora", "none", 1.0),
-           "gift-s0.5": ("gift", "gaussian", 0.5)}
+           "gift-s0.5": ("gift", "gaussian", 0.5), "gift-s0.25": ("gift", "gaussian", 0.25)}
 DEFAULT_METHODS = ["gift", "no-noise", "lora"]
 
 
