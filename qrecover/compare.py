@@ -145,6 +145,11 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
     return rows
 
 
+def _stage_seconds(row: dict) -> float:
+    """A stage's whole time; results written before stage_seconds existed only have their own timer."""
+    return row.get("stage_seconds", row["seconds"])
+
+
 def full_preset_seconds(cmp: Comparison, rows: list[dict]) -> float:
     """What these stages would take with the full preset on the same machine, from their measured parts.
 
@@ -165,14 +170,14 @@ def full_preset_seconds(cmp: Comparison, rows: list[dict]) -> float:
             "perplexity_seconds": (full_windows or windows) / windows,
         }
         measured = {key: row.get(key) or 0.0 for key in parts}
-        total += row.get("stage_seconds", row["seconds"]) - sum(measured.values())
+        total += _stage_seconds(row) - sum(measured.values())
         total += sum(measured[key] * ratio for key, ratio in parts.items())
     return total
 
 
 def run_time(cmp: Comparison, rows: list[dict]) -> dict:
     """Seconds the stages took, and (for a smaller preset) what the full preset would take."""
-    times = {"stages": len(rows), "stage_seconds": round(sum(r.get("stage_seconds", r["seconds"]) for r in rows), 1)}
+    times = {"stages": len(rows), "stage_seconds": round(sum(_stage_seconds(r) for r in rows), 1)}
     if cmp.preset != "full":
         times["full_preset_estimate_seconds"] = round(full_preset_seconds(cmp, rows))
     return times
