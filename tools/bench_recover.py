@@ -9,7 +9,9 @@ training text (wikitext2-valid.txt) with the same steps, batch and sequence leng
 - gift-s0.5, gift-s0.25 (only when asked): GIFT-SW with half or a quarter of the noise, ablations.
 Each run is its own subprocess (peak memory of its own). Reports WikiText-2 test perplexity over
 the first W windows of 2048 tokens for full precision, before recovery and after each method,
-with trainable parameters, peak memory and wall time. Prints a table and writes JSON.
+with trainable parameters, peak memory and wall time; with --tasks, also the zero-shot accuracy of
+every model (lm-eval, e.g. the offline ARC-Easy and PIQA files): text the recovery never trained on,
+where a regularizer such as GIFT-SW's noise should show if it helps. Prints a table and writes JSON.
 
 The learning rate of each method is chosen, never on the test split, by short pilot runs over the
 --lrs grid at the first bit width: the one with the lowest loss on --holdout training blocks kept
@@ -72,19 +74,31 @@ def run_one(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = recover(str(checkpoint), Path(tmp) / "out", config, progress=False,
                           eval_dataset=None if args.pilot else "wikitext2", eval_windows=args.windows)
-        result.update({
-            "trainable_params": out["recovery"]["trainable_params"], "lr": args.lr, "steps": args.steps,
-            "train_seconds": out["recovery"]["seconds"], "final_loss": out["final_loss"],
-            "heldout_loss": out["recovery"]["heldout_loss"],
-            "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        })
-        if not args.pilot:
-            result["wikitext2_perplexity"] = out["eval"]["wikitext2"]["perplexity"]
+            result.update({
+                "trainable_params": out["recovery"]["trainable_params"], "lr": args.lr, "steps": args.steps,
+                "train_seconds": out["recovery"]["seconds"], "final_loss": out["final_loss"],
+                "heldout_loss": out["recovery"]["heldout_loss"],
+                "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            })
+            if not args.pilot:
+                result["wikitext2_perplexity"] = out["eval"]["wikitext2"]["perplexity"]
+                result.update(zero_shot(args, *qrecover.load(Path(tmp) / "out")))
         return result
     tokens = qrecover.eval_tokens(tokenizer, "wikitext2")
     result["wikitext2_perplexity"] = qrecover.perplexity(model, tokens, max_windows=args.windows, progress=False)["perplexity"]
+    result.update(zero_shot(args, model, tokenizer))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def zero_shot(args, model, tokenizer) -> dict:
+    """Zero-shot scores of a model when --tasks asks for them (the tasks' mean and each task's score)."""
+    if not args.tasks:
+        return {}
+    import qrecover
+
+    out = qrecover.zeroshot(model, args.tasks.split(","), tokenizer=tokenizer, limit=args.limit)
+    return {"zeroshot_mean": out["mean"], "zeroshot": {t: r["score"] for t, r in out["tasks"].items()}}
 
 
 def main():
@@ -105,6 +119,9 @@ def main():
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--weights", default="cached", choices=("cached", "unpacked"),
                         help="frozen weights during training: kept dequantized (faster, default) or unpacked at every use; same results")
+    parser.add_argument("--tasks", help="zero-shot tasks after each run, comma-separated lm-eval names or NAME=PATH "
+                        "(e.g. arc_easy=../shared/data/arc-easy-test.jsonl,piqa=../shared/data/piqa-valid.jsonl)")
+    parser.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_recover"), help="where the quantized checkpoints are kept")
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench_recover.json"))
@@ -153,8 +170,9 @@ def main():
             results.append(launch(f"{kind}:{b}", lr=chosen[kind]))
 
     full = results[0]["wikitext2_perplexity"]
-    rows = ["| bits | run | trainable params | lr | train s | peak MB | held-out loss | WikiText-2 ppl | gap closed |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    zs = ["zero-shot mean"] if args.tasks else []
+    rows = ["| " + " | ".join(["bits", "run", "trainable params", "lr", "train s", "peak MB", "held-out loss", "WikiText-2 ppl", "gap closed", *zs]) + " |",
+            "|---" * (9 + len(zs)) + "|"]
     for r in results:
         before = next((b["wikitext2_perplexity"] for b in results if b["run"] == "before" and b["bits"] == r["bits"]), None)
         recovered = r["run"] not in ("before", "full-precision")
@@ -164,6 +182,7 @@ def main():
             f"| {r['bits'] or 16} | {r['run']} | {r.get('trainable_params', '-')} | {r.get('lr', '-')} | "
             f"{r.get('train_seconds', '-')} | {r.get('peak_memory_mb', '-')} | {heldout} | "
             f"{r['wikitext2_perplexity']:.2f} | {'' if r['gap_closed'] is None else format(r['gap_closed'], '.0%')} |"
+            + (f" {r['zeroshot_mean']:.3f} |" if zs else "")
         )
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
