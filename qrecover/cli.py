@@ -259,6 +259,8 @@ def _add_compare(sub):
                    "about 40 minutes for 3 bit widths of SmolLM2-135M on 2 CPU cores, plus GPTQModel's AWQ) or full "
                    "(128 x 2048, 100 steps of 4 x 512, all windows). The run ends with its time and an estimate for the full preset")
     p.add_argument("--group-size", type=int, default=128, help="group size of every method (AWQ falls back to 64/32 when needed)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grids (a fitted zero point) for qrecover's methods and "
+                   "GPTQModel's GPTQ (default symmetric; AWQ's grid is always asymmetric)")
     p.add_argument("--salient", default="3%", help="salient columns of the qrecover methods (default 3%%)")
     p.add_argument("--calib", default="wikitext2", help="calibration text shared by all methods")
     p.add_argument("--train-data", default="wikitext2", help="recovery training data (gift, lora)")
@@ -274,7 +276,7 @@ def _run_compare(args):
 
     cmp = Comparison(
         model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,
-        group_size=args.group_size, salient=args.salient, calib=args.calib, train_data=args.train_data,
+        group_size=args.group_size, sym=not args.asym, salient=args.salient, calib=args.calib, train_data=args.train_data,
         eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, device=args.device,
     )
     run_compare(cmp)

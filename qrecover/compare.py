@@ -65,6 +65,7 @@ class Comparison:
     methods: list = field(default_factory=lambda: list(METHODS))
     preset: str = "reduced"
     group_size: int = 128
+    sym: bool = True  # symmetric grids for qrecover and GPTQModel's GPTQ; AWQ's are always asymmetric
     salient: str = "3%"
     calib: str = "wikitext2"
     train_data: str = "wikitext2"
@@ -97,6 +98,10 @@ def _digest(cmp: Comparison, method: str, bits: int) -> str:
     ignored = ("out", "methods", "preset", "cache_weights") + (() if method in ("gift", "lora") else RECOVERY_SETTINGS)
     for key in ignored:
         settings.pop(key)
+    # Symmetric grids, the default, hash as they did before the option existed, so earlier runs stay
+    # reusable; AWQ does not depend on it.
+    if not settings.pop("sym") and method != "awq":
+        settings["asym"] = True
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -221,7 +226,7 @@ def run_stage(spec: dict) -> None:
     start = time.perf_counter()
     if method in ("rtn", "gptq", "salient"):
         config = QuantConfig(
-            bits=bits, group_size=cmp.group_size, method="rtn" if method == "rtn" else "gptq",
+            bits=bits, group_size=cmp.group_size, sym=cmp.sym, method="rtn" if method == "rtn" else "gptq",
             salient=cmp.salient if method == "salient" else 0,
         )
         report = jobs.quantize(cmp.model, checkpoint, config, calib=cmp.calib, nsamples=preset.nsamples,

@@ -39,7 +39,7 @@ def peer_quantize(method: str, cmp, bits: int, preset, checkpoint):
         group_size = awq_group_size(reference, cmp.group_size)
         config, backend = AWQConfig(bits=bits, group_size=group_size, sym=False), BACKEND.TORCH_AWQ
     else:
-        config, backend = QuantizeConfig(bits=bits, group_size=group_size, sym=True, desc_act=False), BACKEND.TORCH
+        config, backend = QuantizeConfig(bits=bits, group_size=group_size, sym=cmp.sym, desc_act=False), BACKEND.TORCH
     del reference
     samples = calibration_samples(tokenizer, cmp.calib, preset.nsamples, preset.seqlen, seed=0)
     calibration = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]

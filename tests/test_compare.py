@@ -101,6 +101,14 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
     assert compare._digest(cmp, "gptq", 4) != compare._digest(cmp, "gptq", 3)
 
 
+def test_asymmetric_grids_are_new_stages_except_awq():
+    import qrecover.compare as compare
+
+    sym, asym = Comparison(model="m", out="o"), Comparison(model="m", out="o", sym=False)
+    changed = {m for m in compare.METHODS if compare._digest(sym, m, 3) != compare._digest(asym, m, 3)}
+    assert changed == set(compare.METHODS) - {"awq"}
+
+
 def test_full_preset_time_scales_each_measured_part_by_its_work():
     from qrecover.compare import PRESETS, full_preset_seconds
 
@@ -116,3 +124,11 @@ def test_full_preset_time_scales_each_measured_part_by_its_work():
     ]
     expected = (30 + 10 * calib + 8 * 25) + (27 + 20 * train + 8 * 25)
     assert full_preset_seconds(Comparison(model="m", out="o"), rows) == pytest.approx(expected)
+
+
+def test_asym_comparison_quantizes_qrecover_and_gptqmodel_with_zero_points(tiny_model_dir, tmp_path, shared_data):
+    cmp = Comparison(model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4], methods=["gptq", "gptqmodel"], sym=False)
+    run_compare(cmp, progress=False)
+    for method in ("gptq", "gptqmodel"):
+        config = json.loads((stage_dir(cmp, method, 4) / "model" / "config.json").read_text())
+        assert config["quantization_config"]["sym"] is False, method
