@@ -247,7 +247,8 @@ def _add_compare(sub):
         help="qrecover against RTN, GPTQ (GPTQModel), AWQ and LoRA on your model and data",
         description="Quantize MODEL at each bit width with every method on the same calibration data, "
         "evaluate all of them, and write comparison.md/.csv/.json and plots to --out. Each stage runs "
-        "in its own process; finished stages are reused on a rerun. Methods whose package is missing "
+        "in its own process; finished stages are reused on a rerun, and a rerun that changes only --eval, "
+        "--tasks or --limit re-evaluates their saved checkpoints without rebuilding them. Methods whose package is missing "
         "are skipped with a line saying how to install it.",
     )
     p.add_argument("model", help="HF model directory, hub id or smollm2-135m")

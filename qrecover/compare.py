@@ -9,7 +9,9 @@ For every bit width, on the same calibration tokens:
     gift       the same after GIFT-SW recovery
     lora       the same after LoRA recovery (about as many trainable parameters)
 Each stage runs in its own process (its own peak memory) and leaves `<out>/runs/<method>-w<bits>/`
-with its checkpoint and `result.json`; a rerun with the same settings reuses finished stages.
+with its checkpoint and `result.json`; a rerun with the same settings reuses finished stages, and one
+that changes only what is evaluated (texts, windows, zero-shot tasks, limit) re-evaluates their
+saved checkpoints without rebuilding them.
 The table goes to comparison.md / .csv / .json, with a perplexity-vs-bits plot and the recovery
 loss curves, and the time the stages took with an estimate of what the full preset would take.
 """
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import QRecoverError
-from .utils import atomic_write_json
+from .utils import atomic_write_json, peak_memory_mb
 
 METHODS = ("rtn", "gptq", "gptqmodel", "awq", "salient", "gift", "lora")
 PEER_PACKAGE = {"gptqmodel": "gptqmodel", "awq": "gptqmodel"}
@@ -90,12 +92,15 @@ def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:
 
 
 RECOVERY_SETTINGS = ("train_data", "steps", "batch_size", "max_length", "lr", "lr_lora")
+EVALUATION_SETTINGS = ("eval_datasets", "eval_windows", "tasks", "limit")
 
 
-def _digest(cmp: Comparison, method: str, bits: int) -> str:
-    """What a stage's result depends on: a quantization stage is kept when only recovery settings change."""
+def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) -> str:
+    """What a stage's result depends on, or without `evaluation` what its checkpoint depends on:
+    a quantization stage is kept when only recovery settings change."""
     settings = asdict(cmp) | asdict(PRESETS[cmp.preset]) | {"method": method, "bits": bits}
     ignored = ("out", "methods", "preset", "cache_weights") + (() if method in ("gift", "lora") else RECOVERY_SETTINGS)
+    ignored += () if evaluation else EVALUATION_SETTINGS
     for key in ignored:
         settings.pop(key)
     # Symmetric grids, the default, hash as they did before the option existed, so earlier runs stay
@@ -121,17 +126,23 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             if skip:
                 print(f"qrecover compare: {skip}", file=sys.stderr)
                 continue
-            where = stage_dir(cmp, method, bits)
-            result_path = where / "result.json"
-            digest = _digest(cmp, method, bits)
-            if result_path.is_file() and json.loads(result_path.read_text()).get("digest") == digest:
-                rows.append(json.loads(result_path.read_text()))
+            result_path = stage_dir(cmp, method, bits) / "result.json"
+            digest, checkpoint_digest = _digest(cmp, method, bits), _digest(cmp, method, bits, evaluation=False)
+            saved = _saved_result(result_path)
+            if saved.get("digest") == digest:
+                if "checkpoint_digest" not in saved:  # written before checkpoints had their own digest
+                    saved["checkpoint_digest"] = checkpoint_digest
+                    atomic_write_json(result_path, saved)
+                rows.append(saved)
                 continue
-            if method in ("gift", "lora"):
-                _ensure(cmp, "salient", bits, rows)
+            evaluate_only = saved.get("checkpoint_digest") == checkpoint_digest
+            if method in ("gift", "lora") and not evaluate_only:
+                _ensure_salient(cmp, bits)
             if progress:
-                print(f"qrecover compare: {method} at {bits} bits ...", file=sys.stderr, flush=True)
-            spec = {"comparison": asdict(cmp), "method": method, "bits": bits, "digest": digest}
+                what = f"re-evaluating the saved {method} checkpoint" if evaluate_only else method
+                print(f"qrecover compare: {what} at {bits} bits ...", file=sys.stderr, flush=True)
+            spec = {"comparison": asdict(cmp), "method": method, "bits": bits, "digest": digest,
+                    "checkpoint_digest": checkpoint_digest, "evaluate_only": evaluate_only}
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "qrecover.compare", json.dumps(spec)], capture_output=True, text=True)
             if done.returncode != 0 or not result_path.is_file():
@@ -140,8 +151,10 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
                     print(f"qrecover compare: skipped {method} at {bits} bits, {PEER_PACKAGE[method]} failed:\n{tail}", file=sys.stderr)
                     continue
                 raise QRecoverError(f"compare stage {method} at {bits} bits failed:\n{tail}")
-            # The stage's whole cost, its process start and imports included.
-            row = json.loads(result_path.read_text()) | {"stage_seconds": round(time.perf_counter() - start, 2)}
+            # The stage's whole cost, its process start and imports included; a re-evaluation's
+            # replaces the time the earlier evaluation took.
+            seconds = time.perf_counter() - start + (_stage_seconds(saved) - _evaluation_seconds(saved) if evaluate_only else 0)
+            row = json.loads(result_path.read_text()) | {"stage_seconds": round(seconds, 2)}
             atomic_write_json(result_path, row)
             rows.append(row)
     times = write_outputs(cmp, rows)
@@ -150,9 +163,23 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
     return rows
 
 
+def _saved_result(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _stage_seconds(row: dict) -> float:
     """A stage's whole time; results written before stage_seconds existed only have their own timer."""
     return row.get("stage_seconds", row["seconds"])
+
+
+def _evaluation_seconds(row: dict) -> float:
+    return row.get("perplexity_seconds", 0.0) + row.get("zeroshot", {}).get("seconds", 0.0)
+
+
+def _without_evaluation(row: dict) -> dict:
+    """A stage's result less what _evaluate (and the table's zero-shot column) added to it."""
+    return {k: v for k, v in row.items()
+            if not (k.startswith("perplexity_") or k.endswith("_perplexity") or k.startswith("zeroshot"))}
 
 
 def full_preset_seconds(cmp: Comparison, rows: list[dict]) -> float:
@@ -196,34 +223,48 @@ def time_summary(times: dict) -> str:
     return line
 
 
-def _ensure(cmp: Comparison, method: str, bits: int, rows: list) -> None:
-    """Recovery stages start from the salient checkpoint: run that stage first if needed."""
-    if not (stage_dir(cmp, method, bits) / "result.json").is_file():
-        run_compare(Comparison(**(asdict(cmp) | {"bits": [bits], "methods": [method]})), progress=True)
+def _ensure_salient(cmp: Comparison, bits: int) -> None:
+    """Recovery stages start from the salient checkpoint: build it first if it is missing or stale."""
+    saved = _saved_result(stage_dir(cmp, "salient", bits) / "result.json")
+    if saved.get("checkpoint_digest") != _digest(cmp, "salient", bits, evaluation=False):
+        run_compare(Comparison(**(asdict(cmp) | {"bits": [bits], "methods": ["salient"]})), progress=True)
 
 
 def run_stage(spec: dict) -> None:
-    """One stage, in its own process: quantize or recover, evaluate, write result.json."""
-    import resource
-
-    import torch
-
-    from . import jobs
-    from .config import QuantConfig
-    from .footprint import stored_bits
-    from .io import load
+    """One stage, in its own process: quantize or recover (or take the saved checkpoint), evaluate,
+    write result.json."""
     from .nn import hold_dense_weights
-    from .recover import RecoverConfig, load_lora
-    from .train import TrainConfig
 
     cmp = Comparison(**spec["comparison"])
     method, bits = spec["method"], spec["bits"]
     preset = PRESETS[cmp.preset]
     where = stage_dir(cmp, method, bits)
-    checkpoint = where / "model"
-    result = {"method": method, "bits": bits, "digest": spec["digest"], "preset": cmp.preset}
-    model = tokenizer = None
     start = time.perf_counter()
+    if spec["evaluate_only"]:
+        saved = json.loads((where / "result.json").read_text())
+        result = _without_evaluation(saved) | {"digest": spec["digest"]}
+        start -= saved["seconds"] - _evaluation_seconds(saved)  # the build's time stays counted
+    else:
+        result = {"method": method, "bits": bits, "digest": spec["digest"],
+                  "checkpoint_digest": spec["checkpoint_digest"], "preset": cmp.preset}
+        result.update(_build(cmp, method, bits, preset, where / "model"))
+    model, tokenizer = _load_stage(cmp, method, where / "model")
+    if preset.cache_weights:  # evaluation too computes with the dequantized weights (memory for speed)
+        hold_dense_weights(model, True)
+    result.update(_evaluate(cmp, model, tokenizer, preset))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    atomic_write_json(where / "result.json", result)
+
+
+def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: Path) -> dict:
+    """Quantize or recover into `checkpoint`; returns its times, peak memory and real bits per weight."""
+    from . import jobs
+    from .config import QuantConfig
+    from .footprint import stored_bits
+    from .recover import RecoverConfig
+    from .train import TrainConfig
+
+    result = {}
     if method in ("rtn", "gptq", "salient"):
         config = QuantConfig(
             bits=bits, group_size=cmp.group_size, sym=cmp.sym, method="rtn" if method == "rtn" else "gptq",
@@ -245,22 +286,30 @@ def run_stage(spec: dict) -> None:
     else:
         from .peers import peer_quantize
 
-        result["quantize_seconds"], result["group_size"], model, tokenizer = peer_quantize(method, cmp, bits, preset, checkpoint)
-    result["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["quantize_seconds"], result["group_size"] = peer_quantize(method, cmp, bits, preset, checkpoint)
+    result["peak_memory_mb"] = peak_memory_mb(cmp.device)
     if method == "lora":  # the adapter is stored beside the unchanged quantized base
         bits_, weights = stored_bits(stage_dir(cmp, "salient", bits) / "model")
         bits_ += stored_bits(checkpoint, adapter=True)[0]
-        model, tokenizer = load_lora(checkpoint)
     else:
         bits_, weights = stored_bits(checkpoint)
     result["bits_per_weight"] = round(bits_ / weights, 4)
-    if model is None:
-        model, tokenizer = load(checkpoint, device=cmp.device or "cpu")
-    if preset.cache_weights:  # evaluation too computes with the dequantized weights (memory for speed)
-        hold_dense_weights(model, True)
-    result.update(_evaluate(cmp, model, tokenizer, preset))
-    result["seconds"] = round(time.perf_counter() - start, 2)
-    atomic_write_json(where / "result.json", result)
+    return result
+
+
+def _load_stage(cmp: Comparison, method: str, checkpoint: Path):
+    """(model, tokenizer) of a stage's saved checkpoint."""
+    if method == "lora":
+        from .recover import load_lora
+
+        return load_lora(checkpoint)
+    if method in PEER_PACKAGE:
+        from .peers import load_peer
+
+        return load_peer(method, checkpoint)
+    from .io import load
+
+    return load(checkpoint, device=cmp.device or "cpu")
 
 
 def _evaluate(cmp: Comparison, model, tokenizer, preset: Preset) -> dict:

@@ -19,12 +19,18 @@ def awq_group_size(model, wanted: int) -> int:
     raise QRecoverError(f"no AWQ group size in ({wanted}, 64, 32) divides the input widths {sorted(widths)}")
 
 
-def peer_quantize(method: str, cmp, bits: int, preset, checkpoint):
-    """(quantize seconds, group size, model, tokenizer): quantize with GPTQModel, save, load for evaluation."""
+def _gptqmodel():
     # GPTQModel's model loader asks its CPU pool for 2 workers and refuses a pool of 1 (7.7.0).
     workers = int(os.environ.get("GPTQMODEL_CPU_WORKERS") or os.cpu_count() or 2)
     os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, workers))
-    from gptqmodel import BACKEND, GPTQModel
+    import gptqmodel
+
+    return gptqmodel
+
+
+def peer_quantize(method: str, cmp, bits: int, preset, checkpoint) -> tuple[float, int]:
+    """(quantize seconds, group size): quantize with GPTQModel and save the checkpoint."""
+    gptqmodel = _gptqmodel()
     from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
 
     from .data import calibration_samples
@@ -37,17 +43,25 @@ def peer_quantize(method: str, cmp, bits: int, preset, checkpoint):
     group_size = cmp.group_size
     if method == "awq":
         group_size = awq_group_size(reference, cmp.group_size)
-        config, backend = AWQConfig(bits=bits, group_size=group_size, sym=False), BACKEND.TORCH_AWQ
+        config = AWQConfig(bits=bits, group_size=group_size, sym=False)
     else:
-        config, backend = QuantizeConfig(bits=bits, group_size=group_size, sym=cmp.sym, desc_act=False), BACKEND.TORCH
+        config = QuantizeConfig(bits=bits, group_size=group_size, sym=cmp.sym, desc_act=False)
     del reference
     samples = calibration_samples(tokenizer, cmp.calib, preset.nsamples, preset.seqlen, seed=0)
     calibration = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]
-    peer = GPTQModel.load(where, config, device="cpu")
+    peer = gptqmodel.GPTQModel.load(where, config, device="cpu")
     start = time.perf_counter()
     peer.quantize(calibration, batch_size=1)
     seconds = round(time.perf_counter() - start, 2)
     peer.save(str(checkpoint))
-    del peer
-    model = GPTQModel.load(str(checkpoint), backend=backend, device="cpu").model
-    return seconds, group_size, model.eval(), tokenizer
+    return seconds, group_size
+
+
+def load_peer(method: str, checkpoint):
+    """(model, tokenizer) of a checkpoint GPTQModel saved, on its CPU kernel for the method."""
+    gptqmodel = _gptqmodel()
+    from transformers import AutoTokenizer
+
+    backend = gptqmodel.BACKEND.TORCH_AWQ if method == "awq" else gptqmodel.BACKEND.TORCH
+    model = gptqmodel.GPTQModel.load(str(checkpoint), backend=backend, device="cpu").model
+    return model.eval(), AutoTokenizer.from_pretrained(checkpoint)

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -41,6 +42,24 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
     stamps = {m: (stage_dir(cmp, m, 4) / "result.json").stat().st_mtime for m in by_method}
     run_compare(cmp, progress=False)
     assert stamps == {m: (stage_dir(cmp, m, 4) / "result.json").stat().st_mtime for m in by_method}
+
+    # A result written before checkpoints had their own digest is still reused, and gains one.
+    legacy = stage_dir(cmp, "rtn", 4) / "result.json"
+    legacy.write_text(json.dumps({k: v for k, v in json.loads(legacy.read_text()).items() if k != "checkpoint_digest"}))
+    assert [r.get("checkpoint_digest") for r in run_compare(cmp, progress=False)] == [r["checkpoint_digest"] for r in rows]
+
+    # Asking for zero-shot tasks afterwards re-evaluates the saved checkpoints and rebuilds none of them.
+    built = {f: f.stat().st_mtime for m in by_method for f in (stage_dir(cmp, m, 4) / "model").iterdir()}
+    tasks = dataclasses.replace(cmp, tasks=[f"piqa={shared_data / 'piqa-valid.jsonl'}"], limit=3)
+    rescored = {r["method"]: r for r in run_compare(tasks, progress=False)}
+    assert built == {f: f.stat().st_mtime for f in built}
+    for m, r in rescored.items():
+        assert r["zeroshot"]["tasks"]["piqa"]["examples"] == 3
+        assert r["wikitext2_perplexity"] == pytest.approx(by_method[m]["wikitext2_perplexity"], rel=1e-4)
+        kept = ("quantize_seconds", "recover_seconds", "bits_per_weight", "peak_memory_mb", "checkpoint_digest")
+        assert {k: r.get(k) for k in kept} == {k: by_method[m].get(k) for k in kept}
+        assert r["digest"] != by_method[m]["digest"] and r["stage_seconds"] > by_method[m]["stage_seconds"]
+    assert "zeroshot_mean" in (out / "comparison.md").read_text()
 
 
 def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypatch, capsys):
