@@ -135,7 +135,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
                     atomic_write_json(result_path, saved)
                 rows.append(saved)
                 continue
-            evaluate_only = saved.get("checkpoint_digest") == checkpoint_digest
+            evaluate_only = _has_checkpoint(cmp, method, bits)
             if method in ("gift", "lora") and not evaluate_only:
                 _ensure_salient(cmp, bits)
             if progress:
@@ -165,6 +165,13 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
 
 def _saved_result(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _has_checkpoint(cmp: Comparison, method: str, bits: int) -> bool:
+    """Whether the stage's saved checkpoint was built with these settings."""
+    where = stage_dir(cmp, method, bits)
+    saved = _saved_result(where / "result.json")
+    return saved.get("checkpoint_digest") == _digest(cmp, method, bits, evaluation=False) and (where / "model").is_dir()
 
 
 def _stage_seconds(row: dict) -> float:
@@ -225,8 +232,7 @@ def time_summary(times: dict) -> str:
 
 def _ensure_salient(cmp: Comparison, bits: int) -> None:
     """Recovery stages start from the salient checkpoint: build it first if it is missing or stale."""
-    saved = _saved_result(stage_dir(cmp, "salient", bits) / "result.json")
-    if saved.get("checkpoint_digest") != _digest(cmp, "salient", bits, evaluation=False):
+    if not _has_checkpoint(cmp, "salient", bits):
         run_compare(Comparison(**(asdict(cmp) | {"bits": [bits], "methods": ["salient"]})), progress=True)
 
 

@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -60,6 +61,11 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
         assert {k: r.get(k) for k in kept} == {k: by_method[m].get(k) for k in kept}
         assert r["digest"] != by_method[m]["digest"] and r["stage_seconds"] > by_method[m]["stage_seconds"]
     assert "zeroshot_mean" in (out / "comparison.md").read_text()
+
+    # A stage whose checkpoint was deleted is rebuilt, not re-evaluated.
+    shutil.rmtree(stage_dir(cmp, "rtn", 4) / "model")
+    (rtn,) = run_compare(dataclasses.replace(tasks, limit=2, methods=["rtn"]), progress=False)
+    assert (stage_dir(cmp, "rtn", 4) / "model").is_dir() and rtn["zeroshot"]["tasks"]["piqa"]["examples"] == 2
 
 
 def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypatch, capsys):
