@@ -248,7 +248,7 @@ def _add_compare(sub):
         description="Quantize MODEL at each bit width with every method on the same calibration data, "
         "evaluate all of them, and write comparison.md/.csv/.json and plots to --out. Each stage runs "
         "in its own process; finished stages are reused on a rerun, and a rerun that changes only --eval, "
-        "--tasks or --limit re-evaluates their saved checkpoints without rebuilding them. Methods whose package is missing "
+        "--tasks, --limit or --eval-windows re-evaluates their saved checkpoints without rebuilding them. Methods whose package is missing "
         "are skipped with a line saying how to install it.",
     )
     p.add_argument("model", help="HF model directory, hub id or smollm2-135m")
@@ -268,6 +268,7 @@ def _add_compare(sub):
     p.add_argument("--eval", dest="eval_datasets", type=_csv(str), default=["wikitext2"], help="comma-separated perplexity texts")
     p.add_argument("--tasks", type=_csv(str), default=[], help="zero-shot tasks, comma-separated (lm-eval names or NAME=PATH)")
     p.add_argument("--limit", type=int, help="zero-shot examples per task")
+    p.add_argument("--eval-windows", type=int, help="perplexity windows of 2048 tokens (default: the preset's; 0: all)")
     p.add_argument("--device", help="compute device for quantization and training")
     p.set_defaults(run=_run_compare)
 
@@ -278,7 +279,8 @@ def _run_compare(args):
     cmp = Comparison(
         model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,
         group_size=args.group_size, sym=not args.asym, salient=args.salient, calib=args.calib, train_data=args.train_data,
-        eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, device=args.device,
+        eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, eval_windows=args.eval_windows,
+        device=args.device,
     )
     run_compare(cmp)
     print((Path(args.out) / "comparison.md").read_text())

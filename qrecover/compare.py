@@ -74,6 +74,7 @@ class Comparison:
     eval_datasets: list = field(default_factory=lambda: ["wikitext2"])
     tasks: list = field(default_factory=list)
     limit: int | None = None
+    eval_windows: int | None = None  # perplexity windows of 2048 tokens: None the preset's, 0 all of them
     device: str | None = None
 
     def __post_init__(self):
@@ -99,6 +100,8 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     """What a stage's result depends on, or without `evaluation` what its checkpoint depends on:
     a quantization stage is kept when only recovery settings change."""
     settings = asdict(cmp) | asdict(PRESETS[cmp.preset]) | {"method": method, "bits": bits}
+    if cmp.eval_windows is not None:  # unset, it hashes as it did before the option existed
+        settings["eval_windows"] = cmp.eval_windows
     ignored = ("out", "methods", "preset", "cache_weights") + (() if method in ("gift", "lora") else RECOVERY_SETTINGS)
     ignored += () if evaluation else EVALUATION_SETTINGS
     for key in ignored:
@@ -257,7 +260,7 @@ def run_stage(spec: dict) -> None:
     model, tokenizer = _load_stage(cmp, method, where / "model")
     if preset.cache_weights:  # evaluation too computes with the dequantized weights (memory for speed)
         hold_dense_weights(model, True)
-    result.update(_evaluate(cmp, model, tokenizer, preset))
+    result.update(_evaluate(cmp, model, tokenizer))
     result["seconds"] = round(time.perf_counter() - start, 2)
     atomic_write_json(where / "result.json", result)
 
@@ -318,14 +321,19 @@ def _load_stage(cmp: Comparison, method: str, checkpoint: Path):
     return load(checkpoint, device=cmp.device or "cpu")
 
 
-def _evaluate(cmp: Comparison, model, tokenizer, preset: Preset) -> dict:
+def _eval_windows(cmp: Comparison) -> int | None:
+    """The cap on perplexity windows (None: every window)."""
+    return PRESETS[cmp.preset].eval_windows if cmp.eval_windows is None else cmp.eval_windows or None
+
+
+def _evaluate(cmp: Comparison, model, tokenizer) -> dict:
     from .data import eval_tokens, source_label
     from .eval.perplexity import perplexity
 
     results = {"perplexity_seconds": 0.0, "perplexity_windows": 0, "perplexity_windows_all": 0}
     for dataset in cmp.eval_datasets:
         tokens = eval_tokens(tokenizer, dataset)
-        ppl = perplexity(model, tokens, max_windows=preset.eval_windows, progress=False)
+        ppl = perplexity(model, tokens, max_windows=_eval_windows(cmp), progress=False)
         results[f"{source_label(dataset)}_perplexity"] = ppl["perplexity"]
         results["perplexity_seconds"] += ppl["seconds"]
         results["perplexity_windows"] += ppl["windows"]

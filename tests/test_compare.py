@@ -134,6 +134,21 @@ def test_asymmetric_grids_are_new_stages_except_awq():
     assert changed == set(compare.METHODS) - {"awq"}
 
 
+def test_evaluation_settings_change_the_result_but_not_the_checkpoint():
+    import qrecover.compare as compare
+
+    base = Comparison(model="m", out="o", tasks=["piqa"], limit=5)
+    # Digests of comparisons saved before checkpoints had their own digest: those folders stay reusable.
+    assert compare._digest(base, "gptq", 3) == "cacee938d38aac42" and compare._digest(base, "gift", 3) == "f89565d2fffcd73f"
+    for change in ({"tasks": ["arc_easy"]}, {"limit": 50}, {"eval_windows": 16}, {"eval_datasets": ["c4"]}):
+        other = Comparison(**(dataclasses.asdict(base) | change))
+        for m in compare.METHODS:
+            assert compare._digest(other, m, 3) != compare._digest(base, m, 3), change
+            assert compare._digest(other, m, 3, evaluation=False) == compare._digest(base, m, 3, evaluation=False)
+    assert compare._eval_windows(Comparison(model="m", out="o", eval_windows=0)) is None
+    assert compare._eval_windows(base) == compare.PRESETS["reduced"].eval_windows
+
+
 def test_full_preset_time_scales_each_measured_part_by_its_work():
     from qrecover.compare import PRESETS, full_preset_seconds
 
