@@ -100,6 +100,12 @@ class QuantConfig:
                 values["salient"] = parse_salient(values["salient"])
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing needs calibration inputs: GPTQ's Hessian or the activations that choose
+        salient columns. Round to nearest without salient columns reads only the weights."""
+        return self.method == "gptq" or bool(self.salient) or any(o.get("salient") for o in self.overrides.values())
+
+    @property
     def metric_spec(self) -> Metric:
         return resolve_metric(self.metric, self.tau, self.rho, self.gamma)
 

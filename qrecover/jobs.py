@@ -62,11 +62,13 @@ def quantize(
         raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
     start = time.perf_counter()
     net, tokenizer = load_pretrained(model, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
-    samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
+    # Round to nearest without salient columns reads only the weights: no calibration text is loaded.
+    samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed) if config.needs_calibration else None
     work = work_dir_for(out)
     report = quantize_model(net, samples, config, device, batch_size, work_dir=work, progress=progress)
     report["model"] = str(model)
-    report["calibration"].update({"source": str(calib), "seed": seed})
+    if samples is not None:
+        report["calibration"].update({"source": str(calib), "seed": seed})
     if eval_dataset:
         tokens = eval_tokens(tokenizer, eval_dataset)
         report["eval"] = {source_label(eval_dataset): perplexity(net, tokens, max_windows=eval_windows, progress=progress)}

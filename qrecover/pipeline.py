@@ -6,6 +6,9 @@ sub-groups (q/k/v, o, gate/up, down), each seeing inputs computed by the already
 (true sequential): a forward pass stops as soon as the next sub-group's input has been observed.
 The quantized layer then maps its inputs to the next layer's inputs.
 
+Round to nearest without salient columns reads only the weights: then no calibration data enters
+and every linear is rounded where it is.
+
 With a work directory the driver saves each finished layer and the next layer's inputs, so an
 interrupted run resumes at the first unfinished layer.
 """
@@ -132,15 +135,16 @@ class LayerPasses:
         return outs
 
 
-def quantize_linears(modules: dict, prefix: str, stats: InputStats, config: QuantConfig, generator, salient_dtype):
-    """{short name: (QuantLinear, report)} for nn.Linears that read the same inputs (one InputStats).
+def quantize_linears(modules: dict, prefix: str, stats: InputStats | None, config: QuantConfig, generator, salient_dtype):
+    """{short name: (QuantLinear, report)} for nn.Linears that read the same inputs (one InputStats;
+    None when the config needs no calibration, and the reported error is then the weight error).
 
     Modules that also share bits, group size and salient columns are solved as one GPTQ problem with
     their rows stacked: rows are quantized independently given H, so the result is the same as
     solving them one by one, but the sequential column walk and the Cholesky run once (q/k/v and
     gate/up at k = 0, or with an activation-only metric).
     """
-    H = stats.hessian
+    H = stats.hessian if stats is not None else None
     problems = {}  # (bits, group size, salient columns) -> [(short, W, salient scores)]
     for short, module in modules.items():
         name = f"{prefix}.{short}"
@@ -185,32 +189,38 @@ def quantize_linears(modules: dict, prefix: str, stats: InputStats, config: Quan
 
 
 def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, generator, salient_dtype):
-    """Quantize every linear of one decoder layer in place; returns (module reports, layer outputs)."""
+    """Quantize every linear of one decoder layer in place; returns (module reports, layer outputs).
+
+    batches None (a config that needs no calibration): the weights alone are rounded, outputs None.
+    """
     linears = layer_linears(layer)
-    passes = LayerPasses(layer, batches, kwargs)
+    passes = LayerPasses(layer, batches, kwargs) if batches is not None else None
     ends_block = {last: (block, returns_tuple) for block, last, returns_tuple in REPLAYABLE_BLOCKS}
     reports = []
     try:
         for group in SUBGROUPS:
-            keep = len(group) == 1 and group[0] in ends_block
-            stats, inputs = passes.observe(linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
+            keep = passes is not None and len(group) == 1 and group[0] in ends_block
+            stats, inputs = (None, []) if passes is None else passes.observe(
+                linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
             solved = quantize_linears({short: linears[short] for short in group}, prefix, stats, config, generator, salient_dtype)
             for short in group:
                 qlinear, report = solved[short]
-                qlinear.hold_dense(True, batches[0].dtype)  # dequantized once for every later pass
+                if passes is not None:
+                    qlinear.hold_dense(True, batches[0].dtype)  # dequantized once for every later pass
                 set_submodule(layer, short, qlinear)
                 reports.append(report)
             if keep:
                 block, returns_tuple = ends_block[group[0]]
                 passes.replay_block(block, layer.get_submodule(group[0]), inputs, returns_tuple)
-        return reports, passes.outputs()
+        return reports, passes.outputs() if passes is not None else None
     finally:
         hold_dense_weights(layer, False)
 
 
-def _config_digest(config: QuantConfig, samples: torch.Tensor) -> str:
+def _config_digest(config: QuantConfig, samples: torch.Tensor | None) -> str:
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(samples.numpy().tobytes())
+    if samples is not None:
+        h.update(samples.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -238,8 +248,9 @@ class _Resume:
     def done(self) -> int:
         return self.state["done"]
 
-    def restore(self, layers, config: QuantConfig, device):
-        """Put the finished layers back as QuantLinears; returns the saved inputs of the next layer."""
+    def restore(self, layers, config: QuantConfig, device, inputs: bool):
+        """Put the finished layers back as QuantLinears; returns the saved inputs of the next layer
+        (None for a run without calibration, `inputs` False)."""
         for i in range(self.done):
             tensors = load_file(self.dir / f"layer{i:04d}.safetensors")
             for short, linear in layer_linears(layers[i]).items():
@@ -247,6 +258,8 @@ class _Resume:
                 own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 bits = config.resolve(f"model.layers.{i}.{short}", linear.in_features).bits
                 set_submodule(layers[i], short, QuantLinear.from_tensors(own, bits))
+        if not inputs:
+            return None
         saved = load_file(self.dir / "inputs.safetensors", device=str(device))
         return [saved[f"batch{j}"] for j in range(len(saved))]
 
@@ -255,9 +268,10 @@ class _Resume:
             return
         tensors = {k: v.contiguous().cpu() for k, v in layer.state_dict().items() if _is_quant_key(k)}
         save_file(tensors, str(self.dir / f"layer{index:04d}.safetensors"))
-        tmp = self.dir / "inputs.safetensors.tmp"
-        save_file({f"batch{j}": b.contiguous().cpu() for j, b in enumerate(batches)}, str(tmp))
-        tmp.replace(self.dir / "inputs.safetensors")
+        if batches is not None:
+            tmp = self.dir / "inputs.safetensors.tmp"
+            save_file({f"batch{j}": b.contiguous().cpu() for j, b in enumerate(batches)}, str(tmp))
+            tmp.replace(self.dir / "inputs.safetensors")
         self.state["layers"].append({"index": index, "seconds": seconds, "modules": reports})
         self.state["done"] = index + 1
         atomic_write_json(self.dir / "progress.json", self.state)
@@ -272,7 +286,7 @@ def _is_quant_key(key: str) -> bool:
 
 def quantize_model(
     model,
-    samples: torch.Tensor,
+    samples: torch.Tensor | None,
     config: QuantConfig,
     device=None,
     batch_size: int = 8,
@@ -280,24 +294,32 @@ def quantize_model(
     salient_dtype=torch.float16,
     progress: bool = True,
 ) -> dict:
-    """Quantize every decoder linear of `model` in place; returns the run report."""
+    """Quantize every decoder linear of `model` in place; returns the run report.
+
+    `samples` (token ids, samples x seqlen) may be None only when the config needs no calibration.
+    """
+    if samples is None and config.needs_calibration:
+        raise QRecoverError(
+            "GPTQ and salient columns need calibration samples; pass token ids, or use method='rtn' with salient=0"
+        )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     home = torch.device("cpu") if device.type == "cuda" else device
     layers = decoder_layers(model)
     generator = torch.Generator().manual_seed(config.seed)
     resume = _Resume(work_dir, _config_digest(config, samples))
     start = time.perf_counter()
-    if resume.done:
-        batches = resume.restore(layers, config, device)
+    batches = resume.restore(layers, config, device, samples is not None) if resume.done else None
+    kwargs = None
+    if samples is not None and resume.done:
         _, kwargs = capture_inputs(model, samples[:1], device, 1)
-    else:
+    elif samples is not None:
         batches, kwargs = capture_inputs(model, samples, device, batch_size)
     bar = tqdm(range(len(layers)), desc="quantizing layers", initial=resume.done, disable=not progress)
     for i in range(resume.done, len(layers)):
         layer_start = time.perf_counter()
         layer = layers[i].to(device)
         reports, batches = quantize_layer(layer, f"model.layers.{i}", batches, kwargs, config, generator, salient_dtype)
-        if not all(torch.isfinite(b.sum()) for b in batches):
+        if batches is not None and not all(torch.isfinite(b.sum()) for b in batches):
             raise QRecoverError(f"the outputs of quantized layer {i} contain NaN or Inf; try --dtype float32")
         layers[i] = layer.to(home)
         seconds = round(time.perf_counter() - layer_start, 3)
@@ -309,7 +331,8 @@ def quantize_model(
     bar.close()
     return {
         "settings": config.to_dict(),
-        "calibration": {"samples": samples.shape[0], "seqlen": samples.shape[1]},
+        "calibration": {"samples": samples.shape[0], "seqlen": samples.shape[1]} if samples is not None else None,
+        "error": "output" if samples is not None else "weight",
         "device": str(device),
         "seconds": round(time.perf_counter() - start, 2),
         "peak_memory_mb": peak_memory_mb(device),

@@ -40,6 +40,19 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     assert "exists; choose another or pass --overwrite" in capsys.readouterr().err
 
 
+def test_round_to_nearest_reads_no_calibration_text(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import qrecover.jobs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration text was loaded for round to nearest without salient columns")
+
+    monkeypatch.setattr(qrecover.jobs, "calibration_samples", refuse)
+    out = tmp_path / "rtn"
+    assert main(["quantize", str(tiny_model_dir), "--out", str(out), "--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet"]) == 0
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["calibration"] is None and report["error"] == "weight"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -24,6 +24,14 @@ def test_gptq_beats_rtn_on_output_error(bits, group_size):
     assert output_error(W, gptq.dequantize(), H) < 0.8 * output_error(W, rtn.dequantize(), H)
 
 
+def test_output_error_without_inputs_is_the_weight_error():
+    W, _ = correlated_layer()
+    W_hat = gptq_quantize(W, None, 3, 32, True, False, torch.empty(0, dtype=torch.long)).dequantize()
+    identity = output_error(W, W_hat, torch.eye(W.shape[1]))
+    assert output_error(W, W_hat, None) == pytest.approx(identity, rel=1e-5)
+    assert 0 < identity < 1
+
+
 def test_salient_columns_are_never_rounded():
     W, H = correlated_layer()
     salient = torch.tensor([0, 5, 33, 79])

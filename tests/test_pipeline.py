@@ -62,11 +62,35 @@ def test_gptq_beats_rtn_end_to_end():
     assert errors["gptq"] < errors["rtn"]
 
 
-def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+def test_round_to_nearest_without_salient_columns_needs_no_calibration():
+    cfg = QuantConfig(bits=3, group_size=32, method="rtn")
+    calibrated, weights_only = tiny_model(), tiny_model()
+    quantize_model(calibrated, samples(), cfg, progress=False)
+    report = quantize_model(weights_only, None, cfg, progress=False)
+    for a, b in zip(calibrated.state_dict().values(), weights_only.state_dict().values()):
+        assert torch.equal(a, b)
+    assert report["calibration"] is None and report["error"] == "weight"
+    assert all(0 < m["error"] < 0.1 for layer in report["layers"] for m in layer["modules"])
+
+
+@pytest.mark.parametrize("cfg", [
+    QuantConfig(bits=4, group_size=32),
+    QuantConfig(bits=4, group_size=32, method="rtn", salient=2),
+    QuantConfig(bits=4, group_size=32, method="rtn", overrides={"down_proj": {"salient": "5%"}}),
+])
+def test_calibration_is_required_where_it_is_used(cfg):
+    assert cfg.needs_calibration
+    with pytest.raises(QRecoverError, match="need calibration samples"):
+        quantize_model(tiny_model(), None, cfg, progress=False)
+
+
+@pytest.mark.parametrize("cfg, ids", [
+    (QuantConfig(bits=3, group_size=32, salient=3), samples()),
+    (QuantConfig(bits=3, group_size=32, method="rtn"), None),
+], ids=["calibrated", "weights-only"])
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, cfg, ids):
     import qrecover.pipeline as pipeline
 
-    ids = samples()
-    cfg = QuantConfig(bits=3, group_size=32, salient=3)
     whole = tiny_model()
     quantize_model(whole, ids, cfg, progress=False)
 
@@ -87,7 +111,7 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
     with pytest.raises(QRecoverError, match="other settings"):
-        quantize_model(tiny_model(), ids, QuantConfig(bits=4), work_dir=tmp_path / "work", progress=False)
+        quantize_model(tiny_model(), samples(), QuantConfig(bits=4), work_dir=tmp_path / "work", progress=False)
 
 
 def test_nan_weights_are_named():

@@ -197,10 +197,16 @@ def gptq_quantize(
     )
 
 
-def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 over the calibration inputs (H = X^T X / N)."""
-    W = W.float().to(H.device)
-    D = W - W_hat.float().to(H.device)
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> float:
+    """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 over the calibration inputs (H = X^T X / N).
+
+    Without calibration inputs (H None) it is the relative weight error ||W - W_hat||^2 / ||W||^2.
+    """
+    W = W.float()
+    D = W - W_hat.float().to(W.device)
+    if H is None:
+        return float(D.square().sum() / W.square().sum().clamp(min=1e-30))
+    W, D = W.to(H.device), D.to(H.device)
     num = (D @ H).mul_(D).sum()
     den = (W @ H).mul_(W).sum()
     return float(num / den.clamp(min=1e-30))
