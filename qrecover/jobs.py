@@ -88,9 +88,15 @@ def evaluate(
     dtype=None,
     report_path: str | Path | None = None,
     progress: bool = True,
+    cache_weights: bool = False,
 ) -> dict:
-    """Perplexity of a checkpoint or ordinary model on an evaluation text."""
+    """Perplexity of a checkpoint or ordinary model on an evaluation text.
+
+    cache_weights: dequantize every quantized linear once and keep it (memory for speed).
+    """
     net, tokenizer = load(path, device=device, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    if cache_weights:
+        hold_dense_weights(net, True)
     result = {"model": str(path), "dataset": dataset, **perplexity(net, eval_tokens(tokenizer, dataset), seqlen, max_windows, progress)}
     if report_path is None and Path(path).is_dir():
         report_path = Path(path) / f"eval_{source_label(dataset)}.json"

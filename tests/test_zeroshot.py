@@ -175,6 +175,41 @@ def test_cli_zero_shot_on_local_files_writes_a_report(tiny_model_dir, six_files,
         main(["eval", str(tiny_model_dir), "--task-file", "arc_easy"])
 
 
+def test_cli_cache_weights_holds_them_and_scores_the_same(tiny_model_dir, six_files, tmp_path, capsys, monkeypatch):
+    """--cache-weights dequantizes every quantized linear once, for perplexity and for zero-shot alike."""
+    from qrecover.nn import QuantLinear
+
+    ckpt = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--out", str(ckpt), "--bits", "4", "--group-size", "32",
+                 "--nsamples", "2", "--seqlen", "32", "--quiet"]) == 0
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
+    runs = {
+        "perplexity": ["eval", str(ckpt), "--dataset", str(text), "--seqlen", "64", "--max-windows", "3", "--quiet"],
+        "zero-shot": ["eval", str(ckpt), "--task-file", f"piqa={six_files['piqa']}", "--limit", "4"],
+    }
+    real, held = QuantLinear.hold_dense, []
+
+    def spy(self, hold, *args):
+        held.append(hold)
+        return real(self, hold, *args)
+
+    monkeypatch.setattr(QuantLinear, "hold_dense", spy)
+    for argv in runs.values():
+        capsys.readouterr()
+        assert main(argv) == 0
+        plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert held == []
+        assert main([*argv, "--cache-weights"]) == 0
+        cached = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert held == [True] * 14  # 2 layers x 7 linears
+        held.clear()
+        if "perplexity" in plain:
+            assert cached["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-3)
+        else:
+            assert cached["tasks"]["piqa"]["acc"] == pytest.approx(plain["tasks"]["piqa"]["acc"])
+
+
 def test_hub_tasks_offline_get_a_clear_error(tiny_model_dir):
     """Standard lm-eval task names load their datasets from the hub; offline that fails with advice."""
     cmd = [sys.executable, "-m", "qrecover.cli", "eval", str(tiny_model_dir), "--tasks", "arc_challenge", "--limit", "2", "--quiet"]

@@ -156,13 +156,17 @@ def parse_tasks(tasks) -> dict:
     return {t: chosen[t] for t in TASKS if t in chosen}
 
 
-def zeroshot(model, tasks=None, *, tokenizer=None, limit: int | None = None, batch_size: int = 32, device: str = "cpu", dtype=None) -> dict:
+def zeroshot(
+    model, tasks=None, *, tokenizer=None, limit: int | None = None, batch_size: int = 32, device: str = "cpu", dtype=None,
+    cache_weights: bool = False,
+) -> dict:
     """Zero-shot accuracy of a model on lm-eval tasks, with the paper's metric per task and their mean.
 
     model: a checkpoint or model spec (see qrecover.load), or an in-memory model with `tokenizer`.
     tasks: "NAME" runs lm-eval's task on its standard dataset (Hugging Face hub), "NAME=PATH" on a
     local .jsonl in the task's original format, offline (see parse_tasks; default: all six, hub).
     limit: only the first N examples of each task.
+    cache_weights: a model loaded here keeps its quantized linears dequantized (memory for speed).
     """
     chosen = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -184,6 +188,10 @@ def zeroshot(model, tasks=None, *, tokenizer=None, limit: int | None = None, bat
 
         name = str(model)
         model, tokenizer = load(model, device=device, dtype=dtype)
+        if cache_weights:
+            from ..nn import hold_dense_weights
+
+            hold_dense_weights(model, True)
     elif tokenizer is None:
         raise QRecoverError("an in-memory model needs its tokenizer: zeroshot(model, ..., tokenizer=tokenizer)")
     else:
