@@ -12,6 +12,7 @@ Public API:
     QuantLinear
     use_backend(name)                          force a kernel backend in a with-block (kernels)
     zeroshot(model, tasks, limit=...)           lm-eval zero-shot accuracy; tasks "NAME" or "NAME=PATH"
+    paired_difference(report_a, report_b)       a's zero-shot score minus b's, with paired standard errors
 
 Importing qrecover also registers the "qrecover" quantization method with transformers, so
 AutoModelForCausalLM.from_pretrained(checkpoint) loads checkpoint format v1 (hf_quantizer).
@@ -22,7 +23,7 @@ from .config import QuantConfig
 from .data import calibration_samples, eval_tokens, load_text
 from .errors import QRecoverError
 from .eval.perplexity import perplexity
-from .eval.zeroshot import zeroshot
+from .eval.zeroshot import paired_difference, zeroshot
 from . import hf_quantizer  # noqa: F401  (registers the transformers quantizer)
 from .kernels import use_backend
 from .io import load, load_checkpoint, save_checkpoint
@@ -34,6 +35,6 @@ from .pipeline import quantize_model
 __all__ = [
     "QuantConfig", "QRecoverError", "QuantLinear", "quantize", "evaluate", "quantize_model", "load",
     "load_checkpoint", "save_checkpoint", "load_pretrained", "convert_gguf", "reference_model_dir",
-    "calibration_samples", "eval_tokens", "load_text", "perplexity", "zeroshot",
+    "calibration_samples", "eval_tokens", "load_text", "perplexity", "zeroshot", "paired_difference",
     "use_backend",
 ]

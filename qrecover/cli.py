@@ -120,6 +120,8 @@ def _add_eval(sub):
     p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype of the unquantized tensors (default: as stored)")
     p.add_argument("--report", help="JSON report path (default: eval_<dataset>.json, or eval_zeroshot.json, inside a model directory)")
+    p.add_argument("--per-example", action="store_true", help="zero-shot: record each example's result in the "
+                   "report, for paired comparisons of two models (tools/paired_zeroshot.py)")
     p.add_argument("--cache-weights", action="store_true", help="dequantize the quantized weights once and keep "
                    "them: about twice as fast on CPU, for the memory of a 16-bit model")
     p.add_argument("--quiet", action="store_true", help="no progress bar (perplexity; lm-eval draws its own)")
@@ -144,7 +146,8 @@ def _run_zeroshot(args):
     local = {spec.partition("=")[0] for spec in args.task_file}
     tasks = [t for t in ZEROSHOT_TASKS if t not in local] if args.tasks == "all" else (args.tasks or "").split(",")
     result = zeroshot(args.path, [*tasks, *args.task_file], limit=args.limit, batch_size=args.batch_size,
-                      device=args.device, dtype=parse_dtype(args.dtype), cache_weights=args.cache_weights)
+                      device=args.device, dtype=parse_dtype(args.dtype), cache_weights=args.cache_weights,
+                      per_example=args.per_example)
     report = args.report or (Path(args.path) / "eval_zeroshot.json" if Path(args.path).is_dir() else None)
     if report is not None:
         atomic_write_json(report, result)

@@ -10,7 +10,7 @@ import torch
 
 from qrecover.cli import main
 from qrecover.errors import QRecoverError
-from qrecover.eval.zeroshot import TASKS, parse_tasks, read_task_file, zeroshot
+from qrecover.eval.zeroshot import TASKS, paired_difference, parse_tasks, read_task_file, zeroshot
 
 from conftest import ROOT, SHARED_DATA, tiny_model
 
@@ -141,6 +141,46 @@ def test_all_six_tasks_run_offline_and_score_as_computed_by_hand(six_files, tiny
     assert boolq == pytest.approx(accuracy_by_hand(
         model, tiny_tokenizer, read_task_file("boolq", six_files["boolq"]),
         lambda r: f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", lambda r: ["no", "yes"], lambda r: r["label"]))
+
+
+def test_per_example_results_and_their_paired_difference(six_files, tiny_tokenizer):
+    piqa = [f"piqa={six_files['piqa']}"]
+    one = zeroshot(tiny_model(vocab=len(tiny_tokenizer)), piqa, tokenizer=tiny_tokenizer, per_example=True)
+    other = zeroshot(tiny_model(seed=1, vocab=len(tiny_tokenizer)), piqa, tokenizer=tiny_tokenizer, per_example=True)
+    for report in (one, other):
+        correct = report["tasks"]["piqa"]["correct"]
+        assert len(correct) == 7 and set(correct) <= {0, 1}
+        assert sum(correct) / 7 == pytest.approx(report["tasks"]["piqa"]["acc_norm"])
+    paired = paired_difference(one, other)["tasks"]["piqa"]
+    diff = [a - b for a, b in zip(one["tasks"]["piqa"]["correct"], other["tasks"]["piqa"]["correct"])]
+    assert paired["difference"] == pytest.approx(one["tasks"]["piqa"]["score"] - other["tasks"]["piqa"]["score"])
+    assert (paired["only_a"], paired["only_b"]) == (diff.count(1), diff.count(-1))
+    assert paired_difference(one, one)["tasks"]["piqa"]["stderr"] == 0
+
+
+def _report(**tasks):
+    return {"tasks": {t: {"source": "f.jsonl", "metric": "acc_norm", "correct": c} for t, c in tasks.items()}}
+
+
+def test_paired_difference_by_hand_and_its_errors():
+    a = _report(piqa=[1, 1, 0, 1], arc_easy=[1, 0])
+    b = _report(piqa=[1, 0, 0, 0], arc_easy=[0, 1], boolq=[1])
+    result = paired_difference(a, b)
+    piqa = result["tasks"]["piqa"]
+    # d = [0, 1, 0, 1]: mean 0.5, sample variance 1/3, error sqrt(1/3 / 4)
+    assert piqa["difference"] == 0.5 and piqa["stderr"] == pytest.approx((1 / 12) ** 0.5)
+    assert (piqa["only_a"], piqa["only_b"]) == (2, 0)
+    assert result["over"] == ["piqa", "arc_easy"]
+    assert result["mean"]["difference"] == pytest.approx(0.25)
+    assert result["mean"]["stderr"] == pytest.approx((piqa["stderr"] ** 2 + result["tasks"]["arc_easy"]["stderr"] ** 2) ** 0.5 / 2)
+
+    with pytest.raises(QRecoverError, match="share no task"):
+        paired_difference(_report(piqa=[1]), _report(boolq=[1]))
+    with pytest.raises(QRecoverError, match="different examples"):
+        paired_difference(_report(piqa=[1, 0]), _report(piqa=[1, 0, 1]))
+    plain = {"tasks": {"piqa": {"source": "f.jsonl", "metric": "acc_norm", "score": 0.5}}}
+    with pytest.raises(QRecoverError, match="--per-example"):
+        paired_difference(_report(piqa=[1, 0]), plain)
 
 
 def test_task_specs_and_bad_arguments(tiny_tokenizer, six_files):

@@ -158,7 +158,7 @@ def parse_tasks(tasks) -> dict:
 
 def zeroshot(
     model, tasks=None, *, tokenizer=None, limit: int | None = None, batch_size: int = 32, device: str = "cpu", dtype=None,
-    cache_weights: bool = False,
+    cache_weights: bool = False, per_example: bool = False,
 ) -> dict:
     """Zero-shot accuracy of a model on lm-eval tasks, with the paper's metric per task and their mean.
 
@@ -167,6 +167,8 @@ def zeroshot(
     local .jsonl in the task's original format, offline (see parse_tasks; default: all six, hub).
     limit: only the first N examples of each task.
     cache_weights: a model loaded here keeps its quantized linears dequantized (memory for speed).
+    per_example: each task also lists, in file order, whether each example scored (1) or not (0) by
+    its metric: what a paired comparison of two models on the same questions needs (paired_difference).
     """
     chosen = parse_tasks(tasks)
     if limit is not None and limit < 1:
@@ -202,7 +204,7 @@ def zeroshot(
     try:
         out = lm_eval.simple_evaluate(
             model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-            tasks=specs, num_fewshot=0, limit=limit, task_manager=task_manager, log_samples=False,
+            tasks=specs, num_fewshot=0, limit=limit, task_manager=task_manager, log_samples=per_example,
         )
     except ConnectionError as e:  # what datasets raises for an unreachable (or offline) hub
         raise QRecoverError(
@@ -223,6 +225,9 @@ def _summary(name: str, out: dict, selected: list[str], limit, seconds: float) -
             if f"{m},none" in result:
                 entry[m], entry[f"{m}_stderr"] = result[f"{m},none"], result[f"{m}_stderr,none"]
         per_task[task] = {**entry, "metric": metric, "score": result[f"{metric},none"]}
+        if "samples" in out:
+            samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+            per_task[task]["correct"] = [int(s[metric]) for s in samples]
     return {
         "model": name,
         "tasks": per_task,
@@ -233,3 +238,36 @@ def _summary(name: str, out: dict, selected: list[str], limit, seconds: float) -
         "lm_eval_version": lm_eval.__version__,
         "seconds": round(seconds, 1),
     }
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Score of zero-shot report `a` minus that of `b`, per task and on the mean, with paired errors.
+
+    Both reports must come from per_example runs on the same examples. Pairing removes what the two
+    models share (the questions' difficulty): the error of the difference is sqrt(var(a_i - b_i) / n),
+    much smaller than that of two independent samples when the models mostly agree.
+    """
+    shared = [t for t in a["tasks"] if t in b["tasks"]]
+    if not shared:
+        raise QRecoverError("the two zero-shot reports share no task")
+    tasks = {}
+    for task in shared:
+        x, y = a["tasks"][task], b["tasks"][task]
+        if "correct" not in x or "correct" not in y:
+            raise QRecoverError(f"{task}: a paired difference needs per-example results; rerun the evaluation with --per-example")
+        if (x["source"], x["metric"], len(x["correct"])) != (y["source"], y["metric"], len(y["correct"])):
+            raise QRecoverError(
+                f"{task}: the reports scored different examples or metrics ({x['source']}, {len(x['correct'])} examples, "
+                f"{x['metric']} against {y['source']}, {len(y['correct'])} examples, {y['metric']})"
+            )
+        d = [p - q for p, q in zip(x["correct"], y["correct"])]
+        n, mean = len(d), sum(d) / len(d)
+        var = sum((v - mean) ** 2 for v in d) / (n - 1) if n > 1 else 0.0
+        tasks[task] = {
+            "examples": n, "metric": x["metric"], "difference": mean, "stderr": (var / n) ** 0.5,
+            "only_a": d.count(1), "only_b": d.count(-1),  # examples one model scores and the other misses
+        }
+    # The mean over tasks is an average of independent task means: its error adds in quadrature.
+    mean = sum(t["difference"] for t in tasks.values()) / len(tasks)
+    stderr = sum(t["stderr"] ** 2 for t in tasks.values()) ** 0.5 / len(tasks)
+    return {"tasks": tasks, "mean": {"difference": mean, "stderr": stderr}, "over": shared}
