@@ -123,7 +123,7 @@ def _add_eval(sub):
     p.add_argument("--per-example", action="store_true", help="zero-shot: record each example's result in the "
                    "report, for paired comparisons of two models (tools/paired_zeroshot.py)")
     p.add_argument("--cache-weights", action="store_true", help="dequantize the quantized weights once and keep "
-                   "them: about twice as fast on CPU, for the memory of a 16-bit model")
+                   "them (float32): faster, for the memory of an unquantized copy")
     p.add_argument("--quiet", action="store_true", help="no progress bar (perplexity; lm-eval draws its own)")
     p.set_defaults(run=_run_eval)
 
