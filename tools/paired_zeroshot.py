@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def z_score(entry: dict) -> float:
+    """Difference in paired standard errors (nan when the two never disagree)."""
+    return entry["difference"] / entry["stderr"] if entry["stderr"] else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", help="zero-shot report (--per-example) the others are compared with")
@@ -41,13 +46,11 @@ def main() -> None:
         other = json.loads(Path(path).read_text())
         result = paired_difference(other, base)
         for task, t in result["tasks"].items():
-            z = t["difference"] / t["stderr"] if t["stderr"] else float("nan")
             print(f"| {path} | {task} | {t['metric']} | {t['examples']} | {other['tasks'][task]['score']:.4f} | "
-                  f"{t['difference']:+.4f} | {t['stderr']:.4f} | {z:+.2f} | {t['only_a']} / {t['only_b']} |")
+                  f"{t['difference']:+.4f} | {t['stderr']:.4f} | {z_score(t):+.2f} | {t['only_a']} / {t['only_b']} |")
         if len(result["tasks"]) > 1:
             m = result["mean"]
-            print(f"| {path} | mean | | | | {m['difference']:+.4f} | {m['stderr']:.4f} | "
-                  f"{m['difference'] / m['stderr']:+.2f} | |")
+            print(f"| {path} | mean | | | | {m['difference']:+.4f} | {m['stderr']:.4f} | {z_score(m):+.2f} | |")
         rows.append({"report": path, "model": other["model"], **result})
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
