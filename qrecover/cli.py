@@ -269,6 +269,10 @@ def _add_compare(sub):
     p.add_argument("--group-size", type=int, default=128, help="group size of every method (AWQ falls back to 64/32 when needed)")
     p.add_argument("--asym", action="store_true", help="asymmetric grids (a fitted zero point) for qrecover's methods and "
                    "GPTQModel's GPTQ (default symmetric; AWQ's grid is always asymmetric)")
+    p.add_argument("--no-mse-clip", action="store_true", help="qrecover's methods round over each group's full range "
+                   "instead of an MSE-searched clip, as GPTQModel does by default")
+    p.add_argument("--damp", type=float, help="GPTQ dampening (fraction of the Hessian's mean diagonal) for qrecover and "
+                   "GPTQModel alike (default: each tool's own, 0.01 and 0.05)")
     p.add_argument("--salient", default="3%", help="salient columns of the qrecover methods (default 3%%)")
     p.add_argument("--calib", default="wikitext2", help="calibration text shared by all methods")
     p.add_argument("--train-data", default="wikitext2", help="recovery training data (gift, lora)")
@@ -285,7 +289,8 @@ def _run_compare(args):
 
     cmp = Comparison(
         model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,
-        group_size=args.group_size, sym=not args.asym, salient=args.salient, calib=args.calib, train_data=args.train_data,
+        group_size=args.group_size, sym=not args.asym, mse_clip=not args.no_mse_clip, damp=args.damp,
+        salient=args.salient, calib=args.calib, train_data=args.train_data,
         eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, eval_windows=args.eval_windows,
         device=args.device,
     )

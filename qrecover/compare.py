@@ -68,6 +68,8 @@ class Comparison:
     preset: str = "reduced"
     group_size: int = 128
     sym: bool = True  # symmetric grids for qrecover and GPTQModel's GPTQ; AWQ's are always asymmetric
+    mse_clip: bool = True  # qrecover's MSE-searched clip of each group's range (GPTQModel's default: off)
+    damp: float | None = None  # GPTQ dampening for qrecover and GPTQModel; None: each tool's own (0.01, 0.05)
     salient: str = "3%"
     calib: str = "wikitext2"
     train_data: str = "wikitext2"
@@ -86,12 +88,23 @@ class Comparison:
         for b in self.bits:
             if b not in (2, 3, 4, 8):
                 raise QRecoverError(f"bits {b} is not one of 2, 3, 4, 8")
+        if self.damp is not None and not 0 < self.damp <= 1:
+            raise QRecoverError(f"damp {self.damp} must be in (0, 1] (a fraction of the Hessian's mean diagonal)")
 
 
 def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:
     return Path(cmp.out) / "runs" / f"{method}-w{bits}"
 
 
+# The recovered stages start from the salient checkpoint, so they use what it was built with.
+QRECOVER_QUANTIZED = ("rtn", "gptq", "salient", "gift", "lora")
+# Grid and solver options that only some methods use, with their defaults. At its default an option is
+# left out of the digest, so folders written before it existed stay reusable.
+STAGE_OPTIONS = {
+    "sym": (True, set(METHODS) - {"awq"}),  # AWQ's grid is always asymmetric
+    "mse_clip": (True, set(QRECOVER_QUANTIZED)),
+    "damp": (None, set(QRECOVER_QUANTIZED) - {"rtn"} | {"gptqmodel"}),
+}
 RECOVERY_SETTINGS = ("train_data", "steps", "batch_size", "max_length", "lr", "lr_lora")
 EVALUATION_SETTINGS = ("eval_datasets", "eval_windows", "tasks", "limit")
 
@@ -106,10 +119,10 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     ignored += () if evaluation else EVALUATION_SETTINGS
     for key in ignored:
         settings.pop(key)
-    # Symmetric grids, the default, hash as they did before the option existed, so earlier runs stay
-    # reusable; AWQ does not depend on it.
-    if not settings.pop("sym") and method != "awq":
-        settings["asym"] = True
+    for key, (default, users) in STAGE_OPTIONS.items():
+        value = settings.pop(key)
+        if value != default and method in users:
+            settings.update({"asym": True} if key == "sym" else {key: value})  # "asym" is how it was first hashed
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -277,7 +290,8 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
     if method in ("rtn", "gptq", "salient"):
         config = QuantConfig(
             bits=bits, group_size=cmp.group_size, sym=cmp.sym, method="rtn" if method == "rtn" else "gptq",
-            salient=cmp.salient if method == "salient" else 0,
+            salient=cmp.salient if method == "salient" else 0, mse_clip=cmp.mse_clip,
+            **({} if cmp.damp is None else {"damp": cmp.damp}),
         )
         report = jobs.quantize(cmp.model, checkpoint, config, calib=cmp.calib, nsamples=preset.nsamples,
                                seqlen=preset.seqlen, device=cmp.device, overwrite=True, progress=False)

@@ -45,7 +45,8 @@ def peer_quantize(method: str, cmp, bits: int, preset, checkpoint) -> tuple[floa
         group_size = awq_group_size(reference, cmp.group_size)
         config = AWQConfig(bits=bits, group_size=group_size, sym=False)
     else:
-        config = QuantizeConfig(bits=bits, group_size=group_size, sym=cmp.sym, desc_act=False)
+        solver = {} if cmp.damp is None else {"damp_percent": cmp.damp}
+        config = QuantizeConfig(bits=bits, group_size=group_size, sym=cmp.sym, desc_act=False, **solver)
     del reference
     samples = calibration_samples(tokenizer, cmp.calib, preset.nsamples, preset.seqlen, seed=0)
     calibration = [{"input_ids": s.tolist(), "attention_mask": [1] * len(s)} for s in samples]

@@ -75,3 +75,22 @@ def test_salient_more_than_inputs(tiny_model_dir, tmp_path, capsys):
     code = main(["quantize", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--salient", "100", "--nsamples", "2", "--seqlen", "32", "--quiet"])
     assert code == 2
     assert "has 80 input features but 100 salient columns" in capsys.readouterr().err
+
+
+def test_compare_options_reach_the_comparison(tmp_path, monkeypatch, capsys):
+    import qrecover.compare as compare
+
+    seen = []
+
+    def fake_run(cmp):
+        seen.append(cmp)
+        (tmp_path / "comparison.md").write_text("| table |")
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    assert main(["compare", "m", "--out", str(tmp_path), "--bits", "4", "--asym", "--no-mse-clip", "--damp", "0.05",
+                 "--salient", "0.5%"]) == 0
+    cmp = seen[0]
+    assert (cmp.bits, cmp.sym, cmp.mse_clip, cmp.damp, cmp.salient) == ([4], False, False, 0.05, "0.5%")
+    assert main(["compare", "m", "--out", str(tmp_path)]) == 0
+    assert (seen[1].mse_clip, seen[1].damp) == (True, None)  # each tool's own defaults
+    assert "| table |" in capsys.readouterr().out

@@ -103,6 +103,8 @@ def test_bad_comparison_settings():
         Comparison(model="m", out="o", methods=["qlora"])
     with pytest.raises(QRecoverError, match="bits 5"):
         Comparison(model="m", out="o", bits=[5])
+    with pytest.raises(QRecoverError, match=r"damp 0 must be in \(0, 1\]"):
+        Comparison(model="m", out="o", damp=0)
 
 
 def test_bits_per_weight_rejects_unquantized(tiny_model_dir):
@@ -126,12 +128,17 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
     assert compare._digest(cmp, "gptq", 4) != compare._digest(cmp, "gptq", 3)
 
 
-def test_asymmetric_grids_are_new_stages_except_awq():
+@pytest.mark.parametrize("option, users", [
+    ({"sym": False}, {"rtn", "gptq", "gptqmodel", "salient", "gift", "lora"}),  # AWQ's grid is always asymmetric
+    ({"mse_clip": False}, {"rtn", "gptq", "salient", "gift", "lora"}),  # qrecover's clip search only
+    ({"damp": 0.05}, {"gptq", "gptqmodel", "salient", "gift", "lora"}),  # GPTQ solvers, ours and GPTQModel's
+])
+def test_grid_and_solver_options_make_new_stages_only_for_the_methods_using_them(option, users):
     import qrecover.compare as compare
 
-    sym, asym = Comparison(model="m", out="o"), Comparison(model="m", out="o", sym=False)
-    changed = {m for m in compare.METHODS if compare._digest(sym, m, 3) != compare._digest(asym, m, 3)}
-    assert changed == set(compare.METHODS) - {"awq"}
+    default, other = Comparison(model="m", out="o"), Comparison(model="m", out="o", **option)
+    changed = {m for m in compare.METHODS if compare._digest(default, m, 3) != compare._digest(other, m, 3)}
+    assert changed == users
 
 
 def test_evaluation_settings_change_the_result_but_not_the_checkpoint():
@@ -166,9 +173,11 @@ def test_full_preset_time_scales_each_measured_part_by_its_work():
     assert full_preset_seconds(Comparison(model="m", out="o"), rows) == pytest.approx(expected)
 
 
-def test_asym_comparison_quantizes_qrecover_and_gptqmodel_with_zero_points(tiny_model_dir, tmp_path, shared_data):
-    cmp = Comparison(model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4], methods=["gptq", "gptqmodel"], sym=False)
+def test_grid_and_solver_options_reach_qrecover_and_gptqmodel(tiny_model_dir, tmp_path, shared_data):
+    cmp = Comparison(model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4], methods=["gptq", "gptqmodel"],
+                     sym=False, mse_clip=False, damp=0.07)
     run_compare(cmp, progress=False)
-    for method in ("gptq", "gptqmodel"):
-        config = json.loads((stage_dir(cmp, method, 4) / "model" / "config.json").read_text())
-        assert config["quantization_config"]["sym"] is False, method
+    ours, peer = (json.loads((stage_dir(cmp, m, 4) / "model" / "config.json").read_text())["quantization_config"]
+                  for m in ("gptq", "gptqmodel"))
+    assert ours["sym"] is False and ours["mse_clip"] is False and ours["damp"] == 0.07
+    assert peer["sym"] is False and peer["meta"]["damp_percent"] == 0.07
