@@ -14,6 +14,8 @@ that changes only what is evaluated (texts, windows, zero-shot tasks, limit) re-
 saved checkpoints without rebuilding them.
 The table goes to comparison.md / .csv / .json, with a perplexity-vs-bits plot and the recovery
 loss curves, and the time the stages took with an estimate of what the full preset would take.
+Zero-shot scores are kept per example, so each row also gets its paired difference from the best
+baseline at its bit width.
 """
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             result_path = stage_dir(cmp, method, bits) / "result.json"
             digest, checkpoint_digest = _digest(cmp, method, bits), _digest(cmp, method, bits, evaluation=False)
             saved = _saved_result(result_path)
-            if saved.get("digest") == digest:
+            if saved.get("digest") == digest and _has_per_example(saved):
                 if "checkpoint_digest" not in saved:  # written before checkpoints had their own digest
                     saved["checkpoint_digest"] = checkpoint_digest
                     atomic_write_json(result_path, saved)
@@ -181,6 +183,12 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
 
 def _saved_result(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _has_per_example(row: dict) -> bool:
+    """Whether a result's zero-shot scores (if any) list each example, as the paired column needs;
+    results written before they did are re-evaluated."""
+    return all("correct" in t for t in row.get("zeroshot", {}).get("tasks", {}).values())
 
 
 def _has_checkpoint(cmp: Comparison, method: str, bits: int) -> bool:
@@ -355,7 +363,7 @@ def _evaluate(cmp: Comparison, model, tokenizer) -> dict:
     if cmp.tasks:
         from .eval.zeroshot import zeroshot
 
-        results["zeroshot"] = zeroshot(model, cmp.tasks, tokenizer=tokenizer, limit=cmp.limit)
+        results["zeroshot"] = zeroshot(model, cmp.tasks, tokenizer=tokenizer, limit=cmp.limit, per_example=True)
     return results
 
 
@@ -366,10 +374,11 @@ def write_outputs(cmp: Comparison, rows: list[dict]) -> dict:
     ppl_keys = [f"{Path(d).stem}_perplexity" for d in cmp.eval_datasets]
     columns = ["bits", "method", "bits_per_weight", *ppl_keys, "quantize_seconds", "recover_seconds", "peak_memory_mb"]
     if cmp.tasks:
-        columns.append("zeroshot_mean")
+        columns += ["zeroshot_mean", "zeroshot_vs_peer"]
     for row in rows:
         if "zeroshot" in row:
             row["zeroshot_mean"] = row["zeroshot"].get("mean")
+    _pair_with_best_peer(rows)
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -383,6 +392,24 @@ def write_outputs(cmp: Comparison, rows: list[dict]) -> dict:
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     _plots(cmp, rows, ppl_keys[0] if ppl_keys else None)
     return times
+
+
+def _pair_with_best_peer(rows: list[dict]) -> None:
+    """Give each row the paired difference of its zero-shot mean from the best baseline's at its bit
+    width (the peer with the highest mean), scored on the same examples: the error of a paired
+    difference counts only the questions the two disagree on, so it tells real gaps from noise."""
+    from .eval.zeroshot import paired_difference
+
+    for bits in {r["bits"] for r in rows}:
+        peers = [r for r in rows if r["bits"] == bits and r["method"] in PEER_PACKAGE and r.get("zeroshot_mean") is not None]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["zeroshot_mean"])
+        for row in rows:
+            if row["bits"] == bits and row is not best and row.get("zeroshot_mean") is not None:
+                paired = paired_difference(row["zeroshot"], best["zeroshot"])["mean"]
+                row["zeroshot_paired"] = paired | {"against": best["method"]}
+                row["zeroshot_vs_peer"] = f"{paired['difference']:+.3f} ± {paired['stderr']:.3f} vs {best['method']}"
 
 
 def _cell(value) -> str:
