@@ -100,13 +100,17 @@ def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:
 
 # The recovered stages start from the salient checkpoint, so they use what it was built with.
 QRECOVER_QUANTIZED = ("rtn", "gptq", "salient", "gift", "lora")
-# Grid and solver options that only some methods use, with their defaults. At its default an option is
-# left out of the digest, so folders written before it existed stay reusable.
+# Options that only some methods use, with their defaults. A method that does not use one hashes its
+# default, so changing it rebuilds only the stages it changes (not GPTQModel's AWQ, for one).
 STAGE_OPTIONS = {
+    "salient": ("3%", {"salient", "gift", "lora"}),
     "sym": (True, set(METHODS) - {"awq"}),  # AWQ's grid is always asymmetric
     "mse_clip": (True, set(QRECOVER_QUANTIZED)),
     "damp": (None, set(QRECOVER_QUANTIZED) - {"rtn"} | {"gptqmodel"}),
 }
+# Options added after the first digests: hashed only away from their defaults, so that folders
+# written before them stay reusable ("sym" was first hashed as "asym": True).
+ADDED_LATER = ("sym", "mse_clip", "damp")
 RECOVERY_SETTINGS = ("train_data", "steps", "batch_size", "max_length", "lr", "lr_lora")
 EVALUATION_SETTINGS = ("eval_datasets", "eval_windows", "tasks", "limit")
 
@@ -122,9 +126,12 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     for key in ignored:
         settings.pop(key)
     for key, (default, users) in STAGE_OPTIONS.items():
+        if method not in users:
+            settings[key] = default
+    for key in ADDED_LATER:
         value = settings.pop(key)
-        if value != default and method in users:
-            settings.update({"asym": True} if key == "sym" else {key: value})  # "asym" is how it was first hashed
+        if value != STAGE_OPTIONS[key][0]:
+            settings.update({"asym": True} if key == "sym" else {key: value})
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -145,6 +145,7 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
 
 
 @pytest.mark.parametrize("option, users", [
+    ({"salient": "0.5%"}, {"salient", "gift", "lora"}),  # the baselines are not rebuilt
     ({"sym": False}, {"rtn", "gptq", "gptqmodel", "salient", "gift", "lora"}),  # AWQ's grid is always asymmetric
     ({"mse_clip": False}, {"rtn", "gptq", "salient", "gift", "lora"}),  # qrecover's clip search only
     ({"damp": 0.05}, {"gptq", "gptqmodel", "salient", "gift", "lora"}),  # GPTQ solvers, ours and GPTQModel's
