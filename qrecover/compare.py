@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import check_bits, check_damp
 from .errors import QRecoverError
 from .utils import atomic_write_json, peak_memory_mb
 
@@ -88,10 +89,9 @@ class Comparison:
         if unknown:
             raise QRecoverError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
         for b in self.bits:
-            if b not in (2, 3, 4, 8):
-                raise QRecoverError(f"bits {b} is not one of 2, 3, 4, 8")
-        if self.damp is not None and not 0 < self.damp <= 1:
-            raise QRecoverError(f"damp {self.damp} must be in (0, 1] (a fraction of the Hessian's mean diagonal)")
+            check_bits(b, "bits")
+        if self.damp is not None:
+            check_damp(self.damp)
 
 
 def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:

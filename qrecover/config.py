@@ -72,14 +72,13 @@ class QuantConfig:
 
     def __post_init__(self):
         self.salient = parse_salient(self.salient)
-        _check_bits(self.bits, "bits")
+        check_bits(self.bits, "bits")
         _check_group(self.group_size)
         if self.method not in METHODS:
             raise QRecoverError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.metric not in METRICS:
             raise QRecoverError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
-        if not 0 < self.damp <= 1:
-            raise QRecoverError(f"damp {self.damp} must be in (0, 1]")
+        check_damp(self.damp)
         for norm in ("tau", "rho"):
             value = getattr(self, norm)
             if value is not None and not (value == math.inf or value >= 1):
@@ -93,7 +92,7 @@ class QuantConfig:
             if unknown:
                 raise QRecoverError(f"override {pattern!r} sets {sorted(unknown)}; only bits, group_size, salient")
             if "bits" in values:
-                _check_bits(values["bits"], f"override {pattern!r} bits")
+                check_bits(values["bits"], f"override {pattern!r} bits")
             if "group_size" in values:
                 _check_group(values["group_size"])
             if "salient" in values:
@@ -129,9 +128,14 @@ class QuantConfig:
         return cls(**values)
 
 
-def _check_bits(bits, what):
+def check_bits(bits, what):
     if bits not in VALID_BITS:
         raise QRecoverError(f"{what} = {bits} is not supported: use one of {', '.join(map(str, VALID_BITS))}")
+
+
+def check_damp(damp):
+    if not 0 < damp <= 1:
+        raise QRecoverError(f"damp {damp} must be in (0, 1]: a fraction of the Hessian's mean diagonal")
 
 
 def _check_group(group_size):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import parse_salient, salient_count
+from .config import check_bits, parse_salient, salient_count
 from .errors import QRecoverError
 from .models import LINEAR_NAMES, decoder_layers, layer_linears, set_submodule
 from .nn import QuantLinear, SalientColumns, SalientLinear
@@ -58,8 +58,8 @@ class RecoverConfig:
             raise QRecoverError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.noise not in NOISE_KINDS:
             raise QRecoverError(f"noise {self.noise!r} is not one of {', '.join(NOISE_KINDS)}")
-        if self.noise_bits is not None and self.noise_bits not in (2, 3, 4, 8):
-            raise QRecoverError(f"noise bits {self.noise_bits} is not one of 2, 3, 4, 8")
+        if self.noise_bits is not None:
+            check_bits(self.noise_bits, "noise bits")
         if self.metric not in METRICS:
             raise QRecoverError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
         self.salient = parse_salient(self.salient)

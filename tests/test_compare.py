@@ -117,7 +117,7 @@ def test_bad_comparison_settings():
         Comparison(model="m", out="o", preset="huge")
     with pytest.raises(QRecoverError, match="unknown methods"):
         Comparison(model="m", out="o", methods=["qlora"])
-    with pytest.raises(QRecoverError, match="bits 5"):
+    with pytest.raises(QRecoverError, match="bits = 5 is not supported"):
         Comparison(model="m", out="o", bits=[5])
     with pytest.raises(QRecoverError, match=r"damp 0 must be in \(0, 1\]"):
         Comparison(model="m", out="o", damp=0)

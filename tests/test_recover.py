@@ -295,3 +295,12 @@ def test_holdout_examples_measure_a_held_out_loss(quantized_tiny, tmp_path):
     assert result["recovery"]["examples"] == len(load_examples("default", load_checkpoint(quantized_tiny)[1], 64).items) - 6
     with pytest.raises(QRecoverError, match="cannot hold out"):
         recover(str(quantized_tiny), tmp_path / "r2", RecoverConfig(max_length=64, holdout=10**6), progress=False)
+
+
+def test_bad_recovery_settings():
+    from qrecover.recover import RecoverConfig
+
+    with pytest.raises(QRecoverError, match="noise bits = 5 is not supported"):
+        RecoverConfig(noise_bits=5)
+    with pytest.raises(QRecoverError, match="noise 'pink' is not one of"):
+        RecoverConfig(noise="pink")
