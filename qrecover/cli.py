@@ -11,8 +11,7 @@ from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
 from .eval.zeroshot import TASKS as ZEROSHOT_TASKS
 from .jobs import DTYPES
-from .noise import NOISE_KINDS
-from .recover import METHODS as RECOVER_METHODS
+from .recovery.config import METHODS as RECOVER_METHODS, NOISE_KINDS, NOISE_PILOT_SCALES, OBJECTIVES, PRECISIONS
 from .saliency import METRICS
 
 
@@ -110,6 +109,9 @@ def _add_eval(sub):
     p.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, c4, ptb, pile, or a .txt/.jsonl file (default wikitext2 test)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--against", metavar="MODEL", help="fidelity instead of perplexity: mean and 99th-percentile KL divergence "
+                   "from MODEL's next-token distributions (e.g. the full-precision model) and top-1 agreement, on the "
+                   "--dataset windows (writes fidelity_<dataset>.json)")
     p.add_argument("--tasks", help=f"zero-shot tasks, comma-separated, from {','.join(ZEROSHOT_TASKS)}, each on its "
                    "standard dataset from the Hugging Face hub (or TASK=PATH, as --task-file); 'all' = the six")
     p.add_argument("--task-file", type=_task_file, action="append", default=[], metavar="TASK=PATH",
@@ -131,6 +133,12 @@ def _add_eval(sub):
 def _run_eval(args):
     if args.tasks or args.task_file:
         return _run_zeroshot(args)
+    if args.against:
+        from .jobs import fidelity
+
+        print(json.dumps(fidelity(args.path, args.against, args.dataset, args.seqlen, args.max_windows, args.device,
+                                  args.report, not args.quiet, args.cache_weights)))
+        return
     from .jobs import evaluate
 
     result = evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report,
@@ -167,10 +175,27 @@ def _add_recover(sub):
     p.add_argument("model", help="qrecover checkpoint directory, or an ordinary model (HF directory, .gguf, hub id, smollm2-135m)")
     p.add_argument("--out", required=True, help="output directory (checkpoint format v1 for checkpoints, an HF model otherwise)")
     p.add_argument("--data", default="default", help="training data: default, wikitext2, c4, a .txt file (language modelling), "
-                   "a .jsonl of instruction/chat records (loss on responses only), tulu-v2-mix or openorca (default: default)")
+                   "a .jsonl of instruction/chat records (loss on responses only), tulu-v2-mix, openorca, self (text the "
+                   "teacher writes, see --self-samples), or a mixture by weight such as default:0.5,self:0.5 (default: default)")
+    p.add_argument("--objective", default="auto", choices=OBJECTIVES, help="kd: KL divergence from the teacher's next-token "
+                   "distribution to the student's at every position; ce: cross-entropy on the data; kd+ce: a mix (--kd-weight); "
+                   "auto (default): kd for a quantized checkpoint, ce for an ordinary model")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="kd+ce: weight of the KL term (default 0.5)")
+    p.add_argument("--teacher", help="teacher model for kd and --data self (default: the model the checkpoint was quantized from, "
+                   "as recorded in it); live teachers stay resident beside the student: two models in memory")
+    p.add_argument("--teacher-cache", help="folder for the teacher's top-k log-probabilities, computed once before training "
+                   "(about 8 * top-k bytes per training token: 262 KB per 512-token block at k = 64) and reused by reruns, "
+                   "pilots and other runs on the same text; the teacher is then loaded only for text not yet cached")
+    p.add_argument("--teacher-topk", type=int, default=64, help="tokens per position kept in the teacher cache (default 64)")
+    p.add_argument("--self-samples", type=int, default=64, help="--data self: sequences the teacher writes (default 64, of --max-length tokens)")
+    p.add_argument("--self-temperature", type=float, default=1.0, help="--data self: sampling temperature (default 1)")
+    p.add_argument("--self-top-p", type=float, default=0.95, help="--data self: nucleus sampling threshold (default 0.95)")
     p.add_argument("--method", default="gift", choices=RECOVER_METHODS, help="gift (salient columns, default), lora (peft adapters), full (unquantized only)")
     p.add_argument("--noise", default="gaussian", choices=NOISE_KINDS, help="noise on the frozen weights in training: gaussian N(0, (s*Delta/2)^2), uniform, or none")
-    p.add_argument("--noise-scale", type=float, default=1.0, help="multiplier s of the noise (default 1)")
+    p.add_argument("--noise-scale", default="1", help="multiplier s of the noise (default 1: the paper's Delta/2), or auto: "
+                   f"pilots of --pilot-steps steps at s in {{{', '.join(f'{v:g}' for v in NOISE_PILOT_SCALES)}}} scored on the "
+                   "--holdout examples, the best kept")
+    p.add_argument("--pilot-steps", type=int, default=10, help="--noise-scale auto: steps per pilot (default 10)")
     p.add_argument("--noise-bits", type=int, choices=(2, 3, 4, 8), help="take Delta from a per-row grid of this width instead of the layer's own (default: own; 4 for unquantized)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default 4)")
@@ -186,6 +211,8 @@ def _add_recover(sub):
     p.add_argument("--salient", default="128", help="unquantized models: salient columns per layer, count/fraction/percentage (default 128)")
     p.add_argument("--metric", default="gift", choices=sorted(METRICS), help="unquantized models: salient-column metric (default gift)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16: forward and backward under bfloat16 autocast "
+                   "(logits, losses, trained columns and optimizer in float32); auto (default): bf16 on CUDA, fp32 on CPU")
     p.add_argument("--cache-weights", action="store_true", help="keep the dequantized frozen weights during training: "
                    "faster steps, for a float32 copy of the quantized weights in memory")
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints (default 50; 0 = none)")
@@ -200,20 +227,25 @@ def _add_recover(sub):
 
 def _run_recover(args):
     from .jobs import recover
-    from .recover import RecoverConfig
-    from .train import TrainConfig
+    from .recovery.config import RecoverConfig, TrainConfig
 
     train = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, save_every=args.save_every,
+        seed=args.seed,
     )
     config = RecoverConfig(
-        data=args.data, method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
+        data=args.data, objective=args.objective, kd_weight=args.kd_weight, teacher=args.teacher,
+        teacher_cache=args.teacher_cache, teacher_topk=args.teacher_topk, self_samples=args.self_samples,
+        self_temperature=args.self_temperature, self_top_p=args.self_top_p, pilot_steps=args.pilot_steps,
+        method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
         max_length=args.max_length, holdout=args.holdout, train_norms=args.train_norms, lora_rank=args.lora_rank,
         salient=args.salient, metric=args.metric, cache_weights=args.cache_weights, train=train,
     )
     result = recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)
+    if "recovery" not in result:
+        return  # another process than the main one of an `accelerate launch`: the main one reports
     summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
     for name, value in result.get("eval", {}).items():
         summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
@@ -276,6 +308,8 @@ def _add_compare(sub):
     p.add_argument("--salient", default="3%", help="salient columns of the qrecover methods (default 3%%)")
     p.add_argument("--calib", default="wikitext2", help="calibration text shared by all methods")
     p.add_argument("--train-data", default="wikitext2", help="recovery training data (gift, lora)")
+    p.add_argument("--objective", default="kd", choices=("kd", "ce", "kd+ce"), help="objective of both recoveries (gift, lora): "
+                   "distillation from MODEL (default) or cross-entropy on --train-data (the paper)")
     p.add_argument("--eval", dest="eval_datasets", type=_csv(str), default=["wikitext2"], help="comma-separated perplexity texts")
     p.add_argument("--tasks", type=_csv(str), default=[], help="zero-shot tasks, comma-separated (lm-eval names or NAME=PATH)")
     p.add_argument("--limit", type=int, help="zero-shot examples per task")
@@ -290,7 +324,7 @@ def _run_compare(args):
     cmp = Comparison(
         model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,
         group_size=args.group_size, sym=not args.asym, mse_clip=not args.no_mse_clip, damp=args.damp,
-        salient=args.salient, calib=args.calib, train_data=args.train_data,
+        salient=args.salient, calib=args.calib, train_data=args.train_data, objective=args.objective,
         eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, eval_windows=args.eval_windows,
         device=args.device,
     )

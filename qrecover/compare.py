@@ -76,6 +76,7 @@ class Comparison:
     salient: str = "3%"
     calib: str = "wikitext2"
     train_data: str = "wikitext2"
+    objective: str = "kd"  # of both recoveries (gift and lora): distillation from the model, or ce
     eval_datasets: list = field(default_factory=lambda: ["wikitext2"])
     tasks: list = field(default_factory=list)
     limit: int | None = None
@@ -111,7 +112,7 @@ STAGE_OPTIONS = {
 # Options added after the first digests: hashed only away from their defaults, so that folders
 # written before them stay reusable ("sym" was first hashed as "asym": True).
 ADDED_LATER = ("sym", "mse_clip", "damp")
-RECOVERY_SETTINGS = ("train_data", "steps", "batch_size", "max_length", "lr", "lr_lora")
+RECOVERY_SETTINGS = ("train_data", "objective", "steps", "batch_size", "max_length", "lr", "lr_lora")
 EVALUATION_SETTINGS = ("eval_datasets", "eval_windows", "tasks", "limit")
 
 
@@ -298,8 +299,7 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
     from . import jobs
     from .config import QuantConfig
     from .footprint import stored_bits
-    from .recover import RecoverConfig
-    from .train import TrainConfig
+    from .recovery.config import RecoverConfig, TrainConfig
 
     result = {}
     if method in ("rtn", "gptq", "salient"):
@@ -313,7 +313,8 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
         result["quantize_seconds"] = report["seconds"]
     elif method in ("gift", "lora"):
         config = RecoverConfig(
-            data=cmp.train_data, method="gift" if method == "gift" else "lora", max_length=preset.max_length,
+            data=cmp.train_data, method="gift" if method == "gift" else "lora", objective=cmp.objective,
+            max_length=preset.max_length,
             cache_weights=preset.cache_weights,
             train=TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
                               lr=preset.lr if method == "gift" else preset.lr_lora, save_every=0),
@@ -338,7 +339,7 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
 def _load_stage(cmp: Comparison, method: str, checkpoint: Path):
     """(model, tokenizer) of a stage's saved checkpoint."""
     if method == "lora":
-        from .recover import load_lora
+        from .recovery.model import load_lora
 
         return load_lora(checkpoint)
     if method in PEER_PACKAGE:

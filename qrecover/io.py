@@ -29,8 +29,8 @@ REPORT = "quantization_report.json"
 MAX_SHARD_BYTES = 4 * 2**30
 
 
-def quantization_config(config: QuantConfig, recovery: dict | None = None) -> dict:
-    """The `quantization_config` entry of config.json."""
+def quantization_config(config: QuantConfig, recovery: dict | None = None, source: str | None = None) -> dict:
+    """The `quantization_config` entry of config.json; source: the model it was quantized from."""
     metric = config.metric_spec
     budget = config.salient
     qc = {
@@ -56,9 +56,21 @@ def quantization_config(config: QuantConfig, recovery: dict | None = None) -> di
         "overrides": config.overrides,
         "qrecover_version": __version__,
     }
+    if source:
+        qc["source_model"] = source
     if recovery:
         qc["recovery"] = recovery
     return qc
+
+
+def checkpoint_source(path) -> str | None:
+    """The model a checkpoint was quantized from: recorded in its config, or (older checkpoints)
+    in its quantization report."""
+    qc = read_config(path).get("quantization_config") or {}
+    if qc.get("source_model"):
+        return qc["source_model"]
+    report = Path(path) / REPORT
+    return json.loads(report.read_text()).get("model") if report.is_file() else None
 
 
 def config_from_checkpoint(qc: dict) -> QuantConfig:
@@ -130,13 +142,14 @@ def _gptq_compat_config(config: QuantConfig) -> dict:
 def save_checkpoint(
     model, tokenizer, out_dir, config: QuantConfig, report: dict | None = None,
     recovery: dict | None = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, extras=None,
+    source: str | None = None,
 ) -> Path:
     """Write a quantized model as checkpoint format v1; extras(dir) may add files. Returns the directory."""
 
     def build(tmp: Path):
         _write_weights(_unique_tensors(model), tmp, max_shard_bytes)
         cfg = copy.deepcopy(model.config)
-        cfg.quantization_config = quantization_config(config, recovery)
+        cfg.quantization_config = quantization_config(config, recovery, source)
         cfg.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -258,7 +271,7 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
 def load(spec, device="cpu", dtype=None):
     """(model, tokenizer) of a qrecover checkpoint, a LoRA adapter on one, or an ordinary model spec."""
     if (Path(spec) / "adapter_config.json").is_file():
-        from .recover import load_lora
+        from .recovery.model import load_lora
 
         model, tokenizer = load_lora(spec)
         return model.to(device), tokenizer

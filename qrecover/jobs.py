@@ -5,6 +5,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,18 +13,22 @@ import torch
 from .config import QuantConfig
 from .data import calibration_samples, eval_tokens, source_label
 from .errors import QRecoverError
+from .eval.fidelity import fidelity as fidelity_of
 from .eval.perplexity import perplexity
-from .io import REPORT, is_checkpoint, load, load_checkpoint, save_checkpoint
+from .io import REPORT, checkpoint_source, is_checkpoint, load, load_checkpoint, save_checkpoint
 from .models import load_pretrained
 from .nn import hold_dense_weights
-from .noise import NoiseClock
 from .pipeline import quantize_model
-from .recover import (
-    RecoverConfig, add_lora, add_salient_columns, finish_gift, is_quantized, lora_rank_for,
-    merge_salient, prepare, recovery_summary, salient_params,
+from .recovery.config import NOISE_PILOT_SCALES, RecoverConfig
+from .recovery.data import BatchOrder, load_examples, mix, parse_sources
+from .recovery.model import (
+    add_lora, add_salient_columns, finish, is_quantized, lora_rank_for, merge_salient, recovery_summary,
+    restore, salient_params, start, trainable_state,
 )
-from .train import mean_loss, plot_loss, train
-from .train_data import load_examples
+from .recovery.noise import NoiseClock
+from .recovery.objective import Objective
+from .recovery.teacher import Teacher
+from .recovery.trainer import mean_loss, plot_loss, process_state, train
 from .utils import atomic_dir, atomic_write_json, peak_memory_mb
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,6 +38,13 @@ def parse_dtype(name: str):
     if name not in DTYPES:
         raise QRecoverError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def model_source(spec: str) -> str:
+    """How a checkpoint names the model it was quantized from: an absolute path for a local model
+    (found again from any working directory), else the alias or hub id as given."""
+    path = Path(str(spec)).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec)
 
 
 def work_dir_for(out: Path) -> Path:
@@ -74,7 +86,7 @@ def quantize(
         report["eval"] = {source_label(eval_dataset): perplexity(net, tokens, max_windows=eval_windows, progress=progress)}
     report["total_seconds"] = round(time.perf_counter() - start, 2)
     report["peak_memory_mb"] = peak_memory_mb(report["device"])
-    save_checkpoint(net, tokenizer, out, config, report=report, overwrite=overwrite)
+    save_checkpoint(net, tokenizer, out, config, report=report, overwrite=overwrite, source=model_source(model))
     shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -105,6 +117,76 @@ def evaluate(
     return result
 
 
+def _teacher_for(model: str, config: RecoverConfig, tokenizer, device, progress: bool) -> Teacher:
+    spec = config.teacher or (checkpoint_source(model) if is_checkpoint(model) else None)
+    if spec is None:
+        raise QRecoverError(
+            f"distillation needs a teacher, and {model} names none (an ordinary model, or a checkpoint "
+            "written before qrecover recorded its source): pass --teacher MODEL, or --objective ce"
+        )
+    return Teacher(spec, tokenizer, device, config.teacher_topk, config.teacher_cache, progress)
+
+
+def _training_examples(config: RecoverConfig, tokenizer, teacher: Teacher | None):
+    """The examples of config.data: one source or a mixture, `self` written by the teacher."""
+    parts = []
+    for source, weight in parse_sources(config.data):
+        if source == "self":
+            source = str(teacher.write_text(
+                config.self_samples, config.max_length, config.self_temperature, config.self_top_p,
+                config.train.seed, Path(config.teacher_cache) if config.teacher_cache else None,
+            ))
+        parts.append((load_examples(source, tokenizer, config.max_length), weight))
+    return mix(parts, config.train.seed)
+
+
+def _pick_noise_scale(net, examples, held_out, pad_id, config: RecoverConfig, objective, clock) -> tuple[float, list]:
+    """Short pilots from the same start, one per noise scale; the lowest held-out objective wins."""
+    initial = trainable_state(net)
+    pilot = replace(config.train, steps=config.pilot_steps, save_every=0)
+    rows = []
+    for scale in NOISE_PILOT_SCALES:
+        restore(net, initial, scale)
+        train(net, examples, pad_id, pilot, objective, {}, None, clock, progress=False)
+        rows.append({"noise_scale": scale, "heldout_loss": mean_loss(net, held_out, pad_id, objective)})
+        print(f"qrecover: noise pilot s = {scale:g}: held-out {objective.kind} loss {rows[-1]['heldout_loss']:.4f}", file=sys.stderr)
+    best = min(rows, key=lambda r: r["heldout_loss"])["noise_scale"]
+    restore(net, initial, best)
+    print(f"qrecover: noise scale {best:g} chosen by {len(rows)} pilots of {config.pilot_steps} steps", file=sys.stderr)
+    return best, rows
+
+
+def fidelity(
+    path: str,
+    against: str,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    device: str = "cpu",
+    report_path: str | Path | None = None,
+    progress: bool = True,
+    cache_weights: bool = False,
+) -> dict:
+    """How close a checkpoint's next-token distributions are to model `against`'s (eval/fidelity.py).
+
+    The result is printed by the CLI before its report is written (fidelity_<dataset>.json in a
+    checkpoint directory)."""
+    net, tokenizer = load(path, device=device)
+    reference, ref_tokenizer = load(against, device=device)
+    if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+        raise QRecoverError(f"{path} and {against} have different tokenizers: their next-token distributions cannot be compared")
+    if cache_weights:
+        hold_dense_weights(net, True)
+    tokens = eval_tokens(tokenizer, dataset)
+    result = {"model": str(path), "against": str(against), "dataset": dataset,
+              **fidelity_of(net, reference, tokens, seqlen, max_windows, progress)}
+    if report_path is None and Path(path).is_dir():
+        report_path = Path(path) / f"fidelity_{source_label(dataset)}.json"
+    if report_path is not None:
+        atomic_write_json(report_path, result)
+    return result
+
+
 def recover(
     model: str,
     out: str | Path,
@@ -122,18 +204,19 @@ def recover(
     out = Path(out)
     if out.exists() and not overwrite:
         raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
-    start = time.perf_counter()
-    from accelerate import PartialState
-
-    process = PartialState()  # one process, or one of several under `accelerate launch`
+    start_time = time.perf_counter()
+    process = process_state()  # one process, or one of several under `accelerate launch`
     device = torch.device(device) if device else process.device
     qconfig = None
     if is_checkpoint(model):
         net, tokenizer, qconfig = load_checkpoint(model)
     else:
         net, tokenizer = load_pretrained(model, dtype=torch.float32)
+    kind = config.objective_for(quantized=qconfig is not None)
+    uses_self = any(source == "self" for source, _ in parse_sources(config.data))
+    teacher = _teacher_for(model, config, tokenizer, device, progress) if kind != "ce" or uses_self else None
     pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-    examples = load_examples(config.data, tokenizer, config.max_length)
+    examples = _training_examples(config, tokenizer, teacher)
     if examples.truncated or examples.dropped:
         print(
             f"qrecover: {examples.truncated} examples were longer than {config.max_length} tokens and were "
@@ -144,31 +227,54 @@ def recover(
         if config.holdout >= len(examples.items):
             raise QRecoverError(f"cannot hold out {config.holdout} of {len(examples.items)} examples; lower --holdout")
         held_out, examples.items = examples.items[-config.holdout :], examples.items[: -config.holdout]
+    if config.noise_scale == "auto" and not held_out:
+        raise QRecoverError("--noise-scale auto scores its pilots on held-out examples: add --holdout N (e.g. 8)")
+    if config.noise_scale == "auto" and (config.method != "gift" or config.noise == "none"):
+        raise QRecoverError("--noise-scale auto chooses the scale of GIFT-SW's noise: use --method gift with --noise gaussian or uniform")
     clock = NoiseClock(config.train.seed)
     if config.method == "gift" and qconfig is None:
         add_salient_columns(net, examples, config, pad_id)
-    trainable = prepare(net, config, clock)
+    trainable = start(net, config, clock, noise_scale=0.0 if config.noise_scale == "auto" else None)
     if config.method == "lora":
         rank = config.lora_rank or lora_rank_for(net, salient_params(net, config))
         net = add_lora(net, rank)
         config.lora_rank = rank
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     net.to(device)
-    dev_loss_before = mean_loss(net, held_out, pad_id) if held_out else None
+    objective = Objective(kind, teacher, config.kd_weight, config.train.bf16_on(device))
+    if teacher is not None and config.teacher_cache:
+        # Once, for the examples training will visit and the held-out ones; pilots and reruns reuse it.
+        order = BatchOrder(len(examples.items), config.train.batch_size, config.train.seed)
+        visits = config.train.steps * config.train.grad_accum * process.num_processes
+        visited = sorted({i for position in range(visits) for i in order.indices(position)})
+        teacher.fill([examples.items[i] for i in visited] + held_out, pad_id)
+    hold_dense_weights(net, config.cache_weights)  # see RecoverConfig.cache_weights
+    pilots = None
+    if config.noise_scale == "auto":
+        noise_scale, pilots = _pick_noise_scale(net, examples, held_out, pad_id, config, objective, clock)
+    dev_loss_before = mean_loss(net, held_out, pad_id, objective) if held_out else None
     settings = {"model": str(model), **{k: v for k, v in config.to_dict().items() if k != "train"}}
     settings.update({k: v for k, v in config.to_dict()["train"].items() if k != "save_every"})
-    hold_dense_weights(net, config.cache_weights)  # see RecoverConfig.cache_weights
     try:
-        state = train(net, examples, pad_id, config.train, settings, work_dir_for(out), clock, progress)
+        state = train(net, examples, pad_id, config.train, objective, settings, work_dir_for(out), clock, progress)
     finally:
         hold_dense_weights(net, False)
+    if teacher is not None:
+        teacher.save()
     if not process.is_main_process:
         return {"out": str(out), "final_loss": state.log[-1]["loss"] if state.log else None}
-    net = net.cpu()
 
-    summary = recovery_summary(config, examples, trainable, time.perf_counter() - start)
+    summary = recovery_summary(config, examples, trainable, time.perf_counter() - start_time)
+    summary["objective_used"] = kind
+    if teacher is not None:
+        summary["teacher"] = {"model": teacher.spec, "digest": teacher.digest, "cache": config.teacher_cache}
+    if pilots is not None:
+        summary.update(noise_scale_used=noise_scale, noise_pilots=pilots)
     if held_out:
-        summary["heldout_loss"] = {"before": dev_loss_before, "after": mean_loss(net, held_out, pad_id)}
+        summary["heldout_loss"] = {"objective": kind, "before": dev_loss_before, "after": mean_loss(net, held_out, pad_id, objective)}
+    if teacher is not None:
+        teacher.release()
+    net = net.cpu()
     summary["peak_memory_mb"] = peak_memory_mb(device)
 
     def extras(tmp: Path):
@@ -176,11 +282,12 @@ def recover(
         plot_loss(state.log, tmp / "recovery_loss.png")
 
     if config.method == "gift":
-        finish_gift(net)
+        finish(net)
     if qconfig is not None and config.method == "gift":
         report_path = Path(model) / REPORT
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
-        save_checkpoint(net, tokenizer, out, qconfig, report=report, recovery=summary, overwrite=overwrite, extras=extras)
+        save_checkpoint(net, tokenizer, out, qconfig, report=report, recovery=summary, overwrite=overwrite,
+                        extras=extras, source=checkpoint_source(model))
     elif is_quantized(net):
         # LoRA on a quantized model: the adapter cannot be merged into packed weights; save it (peft
         # format) with the path of its base checkpoint, which qrecover.load follows.

@@ -1,15 +1,10 @@
-"""Linear layers with trainable 16-bit salient input columns.
+"""The mixed-precision linear layer: a packed low-bit dense part plus 16-bit salient input columns.
 
-QuantLinear: a packed low-bit dense part plus the salient columns. Tensors follow checkpoint
-format v1 (see DESIGN.md): qweight, qzeros, scales, g_idx in the GPTQ v1 layout, salient_idx and
-salient_weight for the columns kept in 16-bit. The codes at salient positions are the zero point,
-so y = deq(qweight) x + salient_weight x[salient_idx].
+Tensors follow checkpoint format v1 (see DESIGN.md): qweight, qzeros, scales, g_idx in the GPTQ v1
+layout, salient_idx and salient_weight for the columns kept in 16-bit. The codes at salient
+positions are the zero point, so y = deq(qweight) x + salient_weight x[salient_idx].
 
-SalientLinear: an ordinary (unquantized) linear split the same way, for GIFT-SW as a
-parameter-efficient fine-tuning method; `merged()` turns it back into an nn.Linear.
-
-Both train only salient_weight and, with noise enabled, compute the frozen part as W + E in
-training mode (see noise.py); in eval mode there is no noise.
+Recovery wraps the layer (recovery/layer.py) to train its columns; the layer itself only computes.
 """
 from __future__ import annotations
 
@@ -19,40 +14,11 @@ from torch import nn
 from . import kernels
 from .errors import QRecoverError
 from .kernels import torch_ref
-from .noise import NoiseClock, NoiseConfig, noisy_matmul, row_step
 from .quant.gptq import QuantResult
 from .quant.pack import pack_codes, packed_length
 
 
-class SalientColumns(nn.Module):
-    """What recoverable layers share: salient_idx, salient_weight, bias, and QNI noise in training."""
-
-    noise: NoiseConfig | None = None
-    _fixed_step: torch.Tensor | None = None
-    _held_dense: torch.Tensor | None = None  # QuantLinear.hold_dense
-
-    def enable_noise(self, noise: NoiseConfig, clock: NoiseClock, layer_id: int) -> None:
-        self.noise, self._clock, self._layer_id = noise, clock, layer_id
-        self._fixed_step = row_step(self.frozen_t(torch.float32), self.salient_idx, noise.bits) if noise.bits else None
-
-    def noise_step(self) -> torch.Tensor:
-        """Delta, broadcastable to [in, out]: the layer's own grid step unless a fixed noise bit width is set."""
-        return self._fixed_step if self._fixed_step is not None else self.own_step()
-
-    @property
-    def n_salient(self) -> int:
-        return self.salient_idx.numel()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.noise is not None and self.noise.kind != "none":
-            seed = self._clock.seed_for(self._layer_id)
-            keep = self._held_dense is not None  # memory already traded for speed: keep W + E too
-            y = noisy_matmul(x, self.frozen_t, self.noise_step, self.salient_idx, self.noise, seed, keep)
-            return torch_ref.add_columns(y, x, self.salient_idx, self.salient_weight, self.bias)
-        return self.forward_frozen(x)
-
-
-class QuantLinear(SalientColumns):
+class QuantLinear(nn.Module):
     def __init__(
         self,
         in_features: int,
@@ -130,11 +96,14 @@ class QuantLinear(SalientColumns):
         return held.to(dtype) if held is not None else self.dequantize_dense(dtype)
 
     def own_step(self) -> torch.Tensor:
+        """Delta [in, out]: the quantization step of every weight."""
         return self.scales[self.g_idx.long()]
 
-    def forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.salient_weight.requires_grad:
-            return torch_ref.forward(self, x)  # differentiable in salient_weight
+    @property
+    def n_salient(self) -> int:
+        return self.salient_idx.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.mixed_linear(self, x)
 
     def extra_repr(self) -> str:
@@ -149,42 +118,3 @@ def hold_dense_weights(model: nn.Module, hold: bool) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.hold_dense(hold)
-
-
-class SalientLinear(SalientColumns):
-    """An nn.Linear whose salient input columns are trainable and the rest frozen.
-
-    The frozen part's noise step is that of a per-row symmetric `step_bits`-bit grid of the other
-    columns: the noise a quantizer of that width would cause (GIFT-SW used as PEFT).
-    """
-
-    def __init__(self, linear: nn.Linear, salient_idx: torch.Tensor, step_bits: int = 4):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        idx = salient_idx.long().to(linear.weight.device)
-        weight_t = linear.weight.detach().t().clone()
-        self.salient_weight = nn.Parameter(weight_t[idx].t().clone(), requires_grad=False)
-        weight_t[idx] = 0
-        self.register_buffer("weight_t", weight_t)
-        self.register_buffer("salient_idx", idx.to(torch.int32))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_buffer("step", row_step(weight_t, idx, step_bits), persistent=False)
-
-    def frozen_t(self, dtype) -> torch.Tensor:
-        return self.weight_t.to(dtype)
-
-    def own_step(self) -> torch.Tensor:
-        return self.step
-
-    def forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
-        return torch_ref.mixed_linear(x, self.frozen_t(x.dtype), self.salient_idx, self.salient_weight, self.bias)
-
-    def merged(self) -> nn.Linear:
-        """The plain nn.Linear with the (trained) salient columns written back."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight_t.device, dtype=self.weight_t.dtype)
-        weight_t = self.weight_t.clone()
-        weight_t[self.salient_idx.long()] = self.salient_weight.detach().t().to(weight_t.dtype)
-        out.weight.data.copy_(weight_t.t())
-        if self.bias is not None:
-            out.bias.data.copy_(self.bias)
-        return out

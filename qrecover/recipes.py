@@ -26,8 +26,7 @@ import yaml
 
 from .config import QuantConfig
 from .errors import QRecoverError
-from .recover import RecoverConfig
-from .train import TrainConfig
+from .recovery.config import RecoverConfig, TrainConfig
 from .utils import atomic_dir, atomic_write_json
 
 
@@ -145,15 +144,14 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
     """Run the chain up to and including stage `until`; returns the summary also written to
     <out>/summary.json. Under `accelerate launch` (several processes) only the recover stage runs,
     in every process: quantize first in one process (until="quantize"), evaluate afterwards."""
-    from accelerate import PartialState
-
     from . import jobs
+    from .recovery.trainer import process_state
 
     if until not in STAGES:
         raise QRecoverError(f"stage {until!r} is not one of {', '.join(STAGES)}")
     stages = Stages(recipe)
     quantized = stages.root / "quantized"
-    process = PartialState()
+    process = process_state()
     if process.num_processes > 1 and not stages.done("quantize"):
         raise QRecoverError(
             "under accelerate launch only recovery runs; quantize first in one process: "

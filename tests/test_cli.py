@@ -94,3 +94,22 @@ def test_compare_options_reach_the_comparison(tmp_path, monkeypatch, capsys):
     assert main(["compare", "m", "--out", str(tmp_path)]) == 0
     assert (seen[1].mse_clip, seen[1].damp) == (True, None)  # each tool's own defaults
     assert "| table |" in capsys.readouterr().out
+
+
+def test_eval_against_reports_fidelity(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    text = tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    assert main(["quantize", str(tiny_model_dir), "--out", str(out), "--bits", "2", "--group-size", "32",
+                 "--nsamples", "4", "--seqlen", "64", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--against", str(tiny_model_dir), "--dataset", str(text), "--seqlen", "128", "--max-windows", "2", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["windows"] == 2 and result["tokens"] == 2 * 127
+    assert 0 < result["kl_mean"] <= result["kl_p99"] and 0 < result["top1_agreement"] < 1
+    assert json.loads((out / "fidelity_eval.json").read_text())["kl_mean"] == result["kl_mean"]
+    # Against itself: no divergence, full agreement, the same perplexity.
+    assert main(["eval", str(tiny_model_dir), "--against", str(tiny_model_dir), "--dataset", str(text), "--seqlen", "128",
+                 "--max-windows", "1", "--report", str(tmp_path / "self.json"), "--quiet"]) == 0
+    same = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(same["kl_mean"]) < 1e-6 and same["top1_agreement"] == 1 and abs(same["perplexity"] - same["reference_perplexity"]) < 1e-6

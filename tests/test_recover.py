@@ -7,16 +7,20 @@ from qrecover.config import QuantConfig
 from qrecover.errors import QRecoverError
 from qrecover.io import load_checkpoint, save_checkpoint
 from qrecover.jobs import recover
-from qrecover.nn import QuantLinear, SalientLinear
-from qrecover.noise import NoiseClock, NoiseConfig
+from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
 from qrecover.quant.gptq import gptq_quantize
-from qrecover.recover import RecoverConfig, add_lora, prepare, salient_params
-from qrecover.train import TrainConfig, train
-from qrecover.train_data import IGNORE, chat_example, load_examples
+from qrecover.recovery.config import RecoverConfig, TrainConfig
+from qrecover.recovery.data import IGNORE, chat_example, load_examples
+from qrecover.recovery.layer import RecoveryLayer, SalientLinear
+from qrecover.recovery.model import add_lora, salient_params, start
+from qrecover.recovery.noise import NoiseClock, NoiseConfig
+from qrecover.recovery.objective import Objective
+from qrecover.recovery.trainer import train
 
 from conftest import tiny_model
 
+CE = Objective("ce")
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -31,30 +35,50 @@ def big_layer(bits=4, group_size=128, salient=(5, 700)):
 
 
 def test_noise_has_half_a_step_per_group_and_none_in_eval():
-    layer = big_layer()
-    layer.enable_noise(NoiseConfig("gaussian"), NoiseClock(seed=1), layer_id=0)
+    base = big_layer()
+    layer = RecoveryLayer(base, NoiseConfig("gaussian"), NoiseClock(seed=1), layer_id=0)
     x = torch.eye(1024)
     with torch.no_grad():
         layer.eval()
         clean = layer(x)
         assert torch.equal(layer(x), clean)  # eval: deterministic, no noise
+        assert torch.allclose(clean, base(x), atol=1e-5)  # and the base layer's own output
         layer.train()
         noise = layer(x) - clean  # row j: the noise of input column j
-    half_step = layer.scales.float()[layer.g_idx.long()] / 2  # [in, out]
+    half_step = base.scales.float()[base.g_idx.long()] / 2  # [in, out]
     keep = torch.ones(1024, dtype=torch.bool)
     keep[[5, 700]] = False
     ratio = noise[keep] / half_step[keep]
     for group in range(8):
-        rows = (layer.g_idx.long()[keep] == group)
+        rows = (base.g_idx.long()[keep] == group)
         assert abs(float(ratio[rows].std()) - 1) < 0.03
     assert float(ratio.mean()).__abs__() < 0.01
     assert torch.all(noise[[5, 700]] == 0), "salient columns get no noise"
 
 
+def test_backward_sees_the_forward_noise_under_bfloat16_autocast():
+    base = big_layer()
+    layer = RecoveryLayer(base, NoiseConfig("gaussian"), NoiseClock(seed=2), layer_id=1).train()
+    x = torch.randn(3, 1024, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    with torch.no_grad():  # the noisy weight in float32 (the same draw: float32 always, then cast)
+        w_noisy = layer(torch.eye(1024)) - layer.salient_weight.t().new_zeros(1)
+    expected = w_noisy.sum(dim=1).expand(3, -1)
+    # bfloat16 rounding of W + E and of the products, nothing more: another draw would be off by ~1e-1
+    assert (x.grad - expected).abs().max() < 0.05 * expected.abs().max()
+    other = RecoveryLayer(base, NoiseConfig("gaussian"), NoiseClock(seed=3), layer_id=1).train()
+    with torch.no_grad():
+        w_other = other(torch.eye(1024))
+    assert (w_other.sum(dim=1) - expected[0]).abs().max() > 4 * (x.grad[0] - expected[0]).abs().max()
+
+
 def test_noise_is_fresh_every_step_and_reproducible():
     layer = big_layer()
     clock = NoiseClock(seed=3)
-    layer.enable_noise(NoiseConfig("uniform", scale=2.0), clock, layer_id=4)
+    layer = RecoveryLayer(layer, NoiseConfig("uniform", scale=2.0), clock, layer_id=4)
     layer.train()
     x = torch.randn(2, 1024)
     with torch.no_grad():
@@ -66,8 +90,8 @@ def test_noise_is_fresh_every_step_and_reproducible():
 
 
 def test_backward_uses_the_same_noise_as_forward():
-    layer = big_layer()
-    layer.enable_noise(NoiseConfig("gaussian"), NoiseClock(), layer_id=0)
+    base = big_layer()
+    layer = RecoveryLayer(base, NoiseConfig("gaussian"), NoiseClock(), layer_id=0)
     layer.train()
     x = torch.randn(3, 1024, requires_grad=True)
     y = layer(x)
@@ -79,19 +103,20 @@ def test_backward_uses_the_same_noise_as_forward():
 
 
 @pytest.fixture
-def quantized_tiny(tiny_tokenizer, tmp_path):
+def quantized_tiny(tiny_tokenizer, tiny_model_dir, tmp_path):
+    """A w3 checkpoint of the tiny model saved at tiny_model_dir, which it records as its source (the teacher)."""
     model = tiny_model(vocab=len(tiny_tokenizer))
     ids = torch.randint(0, len(tiny_tokenizer), (4, 64), generator=torch.Generator().manual_seed(0))
     cfg = QuantConfig(bits=3, group_size=32, salient=6)
     quantize_model(model, ids, cfg, progress=False)
-    return save_checkpoint(model, tiny_tokenizer, tmp_path / "q3", cfg)
+    return save_checkpoint(model, tiny_tokenizer, tmp_path / "q3", cfg, source=str(tiny_model_dir))
 
 
 def tiny_setup(path, tokenizer, config):
     model, tok, _ = load_checkpoint(path)
     examples = load_examples("default", tok, 64, limit=64)
     clock = NoiseClock(config.train.seed)
-    trainable = prepare(model, config, clock)
+    trainable = start(model, config, clock)
     return model, examples, clock, trainable
 
 
@@ -100,10 +125,10 @@ def test_only_salient_columns_change(quantized_tiny, tiny_tokenizer):
     model, examples, clock, trainable = tiny_setup(quantized_tiny, tiny_tokenizer, config)
     assert trainable == salient_params(model, config) == 2 * 6 * (80 * 2 + 40 * 2 + 144 * 2) + 2 * 6 * 80
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train(model, examples, 0, config.train, {}, clock=clock, progress=False)
+    train(model, examples, 0, config.train, CE, {}, clock=clock, progress=False)
     after = model.state_dict()
     for key, value in before.items():
-        if key.endswith("salient_weight"):
+        if key.endswith("salient_weight") and ".base." not in key:  # the trainable copy, not the frozen base
             assert not torch.equal(after[key], value), key
         else:
             assert torch.equal(after[key], value), key
@@ -112,7 +137,7 @@ def test_only_salient_columns_change(quantized_tiny, tiny_tokenizer):
 def test_training_lowers_the_loss(quantized_tiny, tiny_tokenizer):
     config = RecoverConfig(train=TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup=0.1))
     model, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
-    state = train(model, examples, 0, config.train, {}, clock=clock, progress=False)
+    state = train(model, examples, 0, config.train, CE, {}, clock=clock, progress=False)
     losses = [r["loss"] for r in state.log]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
@@ -128,7 +153,7 @@ def test_cached_weights_train_exactly_like_unpacked_ones(quantized_tiny, tiny_to
         model, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
         hold_dense_weights(model, cache)
         assert all((m._held_dense is not None) == cache for m in model.modules() if isinstance(m, QuantLinear))
-        train(model, examples, 0, config.train, {}, clock=clock, progress=False)
+        train(model, examples, 0, config.train, CE, {}, clock=clock, progress=False)
         runs.append({k: v for k, v in model.state_dict().items() if k.endswith("salient_weight")})
     for key, value in runs[0].items():
         assert torch.equal(runs[1][key], value), key
@@ -137,10 +162,10 @@ def test_cached_weights_train_exactly_like_unpacked_ones(quantized_tiny, tiny_to
 def test_resume_reproduces_the_uninterrupted_run(quantized_tiny, tiny_tokenizer, tmp_path, monkeypatch):
     config = RecoverConfig(train=TrainConfig(steps=6, batch_size=2, grad_accum=2, lr=1e-2, save_every=2))
     whole, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
-    train(whole, examples, 0, config.train, {"a": 1}, clock=clock, progress=False)
+    train(whole, examples, 0, config.train, CE, {"a": 1}, clock=clock, progress=False)
 
     model, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
-    import qrecover.train as training
+    import qrecover.recovery.trainer as training
 
     real_save = training.WorkDir.save
 
@@ -151,18 +176,18 @@ def test_resume_reproduces_the_uninterrupted_run(quantized_tiny, tiny_tokenizer,
 
     monkeypatch.setattr(training.WorkDir, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train(model, examples, 0, config.train, {"a": 1}, work_dir=tmp_path / "work", clock=clock, progress=False)
+        train(model, examples, 0, config.train, CE, {"a": 1}, work_dir=tmp_path / "work", clock=clock, progress=False)
     monkeypatch.setattr(training.WorkDir, "save", real_save)
 
     resumed, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
-    state = train(resumed, examples, 0, config.train, {"a": 1}, work_dir=tmp_path / "work", clock=clock, progress=False)
+    state = train(resumed, examples, 0, config.train, CE, {"a": 1}, work_dir=tmp_path / "work", clock=clock, progress=False)
     assert [r["step"] for r in state.log] == [1, 2, 3, 4, 5, 6]
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
 
     fresh, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
     with pytest.raises(QRecoverError, match="other settings.*a: saved 1, now 2"):
-        train(fresh, examples, 0, config.train, {"a": 2}, work_dir=tmp_path / "work", clock=clock, progress=False)
+        train(fresh, examples, 0, config.train, CE, {"a": 2}, work_dir=tmp_path / "work", clock=clock, progress=False)
 
 
 def test_instruction_loss_covers_exactly_the_response(tiny_tokenizer):
@@ -194,7 +219,7 @@ def test_instruction_file_counts_truncation(tiny_tokenizer, tmp_path):
     assert examples.kind == "chat" and examples.truncated == 1 and len(examples.items) == 2
 
 
-def test_bad_training_input(quantized_tiny, tiny_tokenizer, tmp_path):
+def test_bad_training_input(quantized_tiny, tiny_tokenizer, tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(QRecoverError, match="holds no records"):
@@ -206,7 +231,7 @@ def test_bad_training_input(quantized_tiny, tiny_tokenizer, tmp_path):
     model = tiny_model(vocab=len(tiny_tokenizer))
     cfg = QuantConfig(bits=4, group_size=32)
     quantize_model(model, torch.randint(0, 250, (2, 32)), cfg, progress=False)
-    plain = save_checkpoint(model, tiny_tokenizer, tmp_path / "plain", cfg)
+    plain = save_checkpoint(model, tiny_tokenizer, tmp_path / "plain", cfg, source=str(tmp_path / "tiny"))
     with pytest.raises(QRecoverError, match="no salient columns: nothing to train"):
         recover(str(plain), tmp_path / "r", RecoverConfig(max_length=64, train=TrainConfig(steps=1)), progress=False)
 
@@ -222,7 +247,7 @@ def test_nan_loss_stops_and_names_the_step(quantized_tiny, tiny_tokenizer, tmp_p
 
     model.model.norm.register_forward_hook(poison)
     with pytest.raises(QRecoverError, match=r"loss became nan at step 4; stopped \(the last good checkpoint is step 2"):
-        train(model, examples, 0, config.train, {}, work_dir=tmp_path / "work", clock=clock, progress=False)
+        train(model, examples, 0, config.train, CE, {}, work_dir=tmp_path / "work", clock=clock, progress=False)
     assert json.loads((tmp_path / "work" / "state.json").read_text())["step"] == 2
 
 
@@ -234,7 +259,7 @@ def test_lora_baseline_on_a_quantized_model(quantized_tiny, tiny_tokenizer):
     n = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert n == 2 * 2 * (80 * 2 + 2 * (80 + 40) + 80 * 2 + 2 * (80 + 144) + (144 + 80))
     before = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_B" in k}
-    train(peft_model, examples, 0, config.train, {}, clock=clock, progress=False)
+    train(peft_model, examples, 0, config.train, CE, {}, clock=clock, progress=False)
     assert any(not torch.equal(v, peft_model.state_dict()[k]) for k, v in before.items())
 
 
@@ -288,7 +313,7 @@ def test_unquantized_baselines_export_ordinary_models(method, tiny_model_dir, tm
 
 
 def test_holdout_examples_measure_a_held_out_loss(quantized_tiny, tmp_path):
-    config = RecoverConfig(max_length=64, holdout=6, train=TrainConfig(steps=8, batch_size=4, lr=3e-3))
+    config = RecoverConfig(objective="ce", max_length=64, holdout=6, train=TrainConfig(steps=8, batch_size=4, lr=3e-3))
     result = recover(str(quantized_tiny), tmp_path / "r", config, progress=False)
     held = result["recovery"]["heldout_loss"]
     assert held["after"] < held["before"]
@@ -298,9 +323,138 @@ def test_holdout_examples_measure_a_held_out_loss(quantized_tiny, tmp_path):
 
 
 def test_bad_recovery_settings():
-    from qrecover.recover import RecoverConfig
-
     with pytest.raises(QRecoverError, match="noise bits = 5 is not supported"):
         RecoverConfig(noise_bits=5)
     with pytest.raises(QRecoverError, match="noise 'pink' is not one of"):
         RecoverConfig(noise="pink")
+
+
+@pytest.fixture
+def other_teacher(tiny_tokenizer, tmp_path):
+    """Another random tiny LLaMA with the same tokenizer: a teacher far from quantized_tiny."""
+    path = tmp_path / "teacher"
+    tiny_model(seed=7, vocab=len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_distillation_pulls_the_student_toward_its_teacher(quantized_tiny, other_teacher, tmp_path):
+    config = RecoverConfig(teacher=str(other_teacher), noise="none", max_length=64, holdout=6,
+                           train=TrainConfig(steps=8, batch_size=4, lr=3e-3))
+    result = recover(str(quantized_tiny), tmp_path / "kd", config, progress=False)
+    summary = result["recovery"]
+    assert summary["objective_used"] == "kd" and summary["teacher"]["model"] == str(other_teacher)
+    held = summary["heldout_loss"]
+    assert held["objective"] == "kd" and held["after"] < 0.9 * held["before"]
+
+
+def test_the_default_teacher_is_the_recorded_source(quantized_tiny, tiny_model_dir, tmp_path):
+    config = RecoverConfig(noise="none", max_length=64, train=TrainConfig(steps=1, batch_size=2))
+    summary = recover(str(quantized_tiny), tmp_path / "kd", config, progress=False)["recovery"]
+    assert summary["teacher"]["model"] == str(tiny_model_dir)
+    qc = json.loads((tmp_path / "kd" / "config.json").read_text())["quantization_config"]
+    assert qc["source_model"] == str(tiny_model_dir)  # kept, so the recovered checkpoint can distill again
+
+
+def test_a_full_teacher_cache_trains_exactly_like_the_live_teacher(quantized_tiny, other_teacher, tiny_tokenizer, tmp_path):
+    runs = []
+    for cache in (None, tmp_path / "cache"):
+        config = RecoverConfig(teacher=str(other_teacher), teacher_cache=cache and str(cache), teacher_topk=len(tiny_tokenizer),
+                               noise="none", max_length=64, train=TrainConfig(steps=3, batch_size=2, lr=1e-2))
+        recover(str(quantized_tiny), tmp_path / f"kd{len(runs)}", config, progress=False)
+        runs.append(load_checkpoint(tmp_path / f"kd{len(runs)}")[0].state_dict())
+    for key, value in runs[0].items():
+        assert torch.allclose(runs[1][key].float(), value.float(), atol=2e-3), key
+    assert (tmp_path / "cache" / "teacher_topk.safetensors").is_file()
+
+
+def test_a_teacher_cache_of_another_teacher_is_refused(quantized_tiny, other_teacher, tiny_model_dir, tmp_path):
+    cache = str(tmp_path / "cache")
+    config = RecoverConfig(teacher=str(other_teacher), teacher_cache=cache, noise="none", max_length=64, train=TrainConfig(steps=1, batch_size=2))
+    recover(str(quantized_tiny), tmp_path / "a", config, progress=False)
+    config = RecoverConfig(teacher=str(tiny_model_dir), teacher_cache=cache, noise="none", max_length=64, train=TrainConfig(steps=1, batch_size=2))
+    with pytest.raises(QRecoverError, match="teacher cache .* was made with another teacher"):
+        recover(str(quantized_tiny), tmp_path / "b", config, progress=False)
+
+
+def test_kd_top_k_is_the_kl_of_the_coarsened_distributions():
+    from qrecover.recovery.objective import kl_full, kl_topk
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 50), torch.randn(2, 3, 50) * 2
+    logp = torch.log_softmax(teacher, -1)
+    full = kl_full(student, teacher)
+    top = logp.topk(50, -1)
+    assert torch.allclose(kl_topk(student, top.values, top.indices), full, atol=1e-5)  # k = vocab: exact
+    top = logp.topk(5, -1)
+    coarse = kl_topk(student, top.values, top.indices)
+    assert (coarse <= full + 1e-6).all() and (coarse > 0).all()  # coarsening never raises a KL
+
+
+def test_mixtures_take_examples_by_weight(tiny_tokenizer, tmp_path):
+    from qrecover.recovery.data import mix, parse_sources
+
+    chat = tmp_path / "sft.jsonl"
+    chat.write_text("\n".join(json.dumps({"instruction": f"Say {i}", "output": "ok"}) for i in range(40)))
+    assert parse_sources("default") == [("default", 1.0)]
+    sources = parse_sources(f"default:0.75,{chat}:0.25")
+    assert sources == [("default", 0.75), (str(chat), 0.25)]
+    parts = [(load_examples(s, tiny_tokenizer, 64), w) for s, w in sources]
+    mixed = mix(parts)
+    kinds = [int((e["labels"] == IGNORE).any()) for e in mixed.items]  # chat examples mask their prompt
+    assert mixed.kind == "mixed" and sum(kinds) == 40 and len(mixed.items) == 160
+    for bad in ("default:x", "default:0.5,self", "default:-1,self:1"):
+        with pytest.raises(QRecoverError, match="is not SOURCE:WEIGHT"):
+            parse_sources(bad)
+
+
+def test_bad_distillation_input(quantized_tiny, tiny_tokenizer, tmp_path):
+    with pytest.raises(QRecoverError, match="at least 1 sequence"):
+        RecoverConfig(data="self", self_samples=0)
+    with pytest.raises(QRecoverError, match="objective 'mse' is not one of"):
+        RecoverConfig(objective="mse")
+    # A teacher with another vocabulary.
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    tiny_model(vocab=len(tiny_tokenizer)).save_pretrained(other)
+    tok = AutoTokenizer.from_pretrained(str(quantized_tiny))
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    config = RecoverConfig(teacher=str(other), noise="none", max_length=64, train=TrainConfig(steps=1, batch_size=2))
+    with pytest.raises(QRecoverError, match="has another tokenizer than the student"):
+        recover(str(quantized_tiny), tmp_path / "r", config, progress=False)
+    # An ordinary model has no recorded teacher.
+    with pytest.raises(QRecoverError, match="distillation needs a teacher"):
+        recover(str(other), tmp_path / "r2", RecoverConfig(objective="kd", salient=4, max_length=64, train=TrainConfig(steps=1)), progress=False)
+
+
+def test_noise_scale_auto_keeps_the_pilot_with_the_lowest_held_out_loss(quantized_tiny, tmp_path):
+    config = RecoverConfig(objective="ce", noise_scale="auto", pilot_steps=2, max_length=64, holdout=4,
+                           train=TrainConfig(steps=2, batch_size=2, lr=3e-3))
+    summary = recover(str(quantized_tiny), tmp_path / "auto", config, progress=False)["recovery"]
+    pilots = summary["noise_pilots"]
+    assert [p["noise_scale"] for p in pilots] == [0.0, 0.125, 0.25, 0.5, 1.0]
+    assert summary["noise_scale_used"] == min(pilots, key=lambda p: p["heldout_loss"])["noise_scale"]
+    # every pilot starts from the same columns: the noiseless pilot equals a plain 2-step run's held-out loss
+    plain = RecoverConfig(objective="ce", noise="none", max_length=64, holdout=4, train=TrainConfig(steps=2, batch_size=2, lr=3e-3))
+    again = recover(str(quantized_tiny), tmp_path / "plain", plain, progress=False)["recovery"]["heldout_loss"]["after"]
+    assert abs(pilots[0]["heldout_loss"] - again) < 1e-5
+    with pytest.raises(QRecoverError, match="add --holdout"):
+        recover(str(quantized_tiny), tmp_path / "x", RecoverConfig(objective="ce", noise_scale="auto", max_length=64), progress=False)
+
+
+def test_self_written_text_is_made_once_and_reused(quantized_tiny, tiny_model_dir, tmp_path, monkeypatch):
+    from qrecover.recovery import teacher as teacher_module
+
+    config = RecoverConfig(data="self", self_samples=3, objective="ce", noise="none", max_length=32, teacher_cache=str(tmp_path / "cache"),
+                           train=TrainConfig(steps=1, batch_size=2))
+    summary = recover(str(quantized_tiny), tmp_path / "a", config, progress=False)["recovery"]
+    files = list((tmp_path / "cache").glob("self-*.jsonl"))
+    assert len(files) == 1 and summary["examples"] >= 1
+    settings = json.loads(files[0].with_suffix(".json").read_text())
+    assert settings["samples"] == 3 and settings["teacher_spec"] == str(tiny_model_dir) and settings["teacher"]
+    assert len(files[0].read_text().splitlines()) == settings["sequences"]
+
+    monkeypatch.setattr(teacher_module.Teacher, "model", property(lambda self: pytest.fail("the teacher wrote again")))
+    recover(str(quantized_tiny), tmp_path / "b", config, progress=False)  # reuses the file

@@ -14,8 +14,7 @@ from qrecover.jobs import recover
 from qrecover.models import load_pretrained
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
-from qrecover.recover import RecoverConfig
-from qrecover.train import TrainConfig
+from qrecover.recovery.config import RecoverConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,14 @@ def reference(smollm2_dir, shared_data):
 
 
 @pytest.fixture(scope="module")
-def w4_checkpoint(reference, tmp_path_factory):
+def w4_checkpoint(reference, smollm2_dir, tmp_path_factory):
     model, tokenizer, _, _ = reference
     # All 30 layers at w4, g128 (576 = 4 x 128 + 64: a partial last group), 3% salient columns.
     cfg = QuantConfig(bits=4, group_size=128, salient="3%")
     samples = calibration_samples(tokenizer, "wikitext2", 8, 256, seed=0)
     quantized = copy.deepcopy(model)
     report = quantize_model(quantized, samples, cfg, progress=False)
-    out = save_checkpoint(quantized, tokenizer, tmp_path_factory.mktemp("smollm2") / "w4", cfg, report=report)
+    out = save_checkpoint(quantized, tokenizer, tmp_path_factory.mktemp("smollm2") / "w4", cfg, report=report, source=str(smollm2_dir))
     return quantized, out
 
 

@@ -6,7 +6,10 @@ training text (wikitext2-valid.txt) with the same steps, batch and sequence leng
 - gift:     salient columns trained with Gaussian noise of half the quantization step (GIFT-SW);
 - no-noise: the same without noise;
 - lora:     LoRA adapters on every projection, about as many trainable parameters;
-- gift-s0.5, gift-s0.25 (only when asked): GIFT-SW with half or a quarter of the noise, ablations.
+- gift-s0.5, gift-s0.25 (only when asked): GIFT-SW with half or a quarter of the noise, ablations;
+- kd, kd-lora (only when asked): salient columns without noise, or LoRA, trained to the full-precision
+  model's next-token distributions (distillation) instead of the text's tokens. Every other
+  method trains on cross-entropy, as the paper does.
 Each run is its own subprocess (peak memory of its own). Reports WikiText-2 test perplexity over
 the first W windows of 2048 tokens for full precision, before recovery and after each method,
 with trainable parameters, peak memory and wall time; with --tasks, also the zero-shot accuracy of
@@ -36,10 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name: (method, noise, noise scale); gift-s0.5 and gift-s0.25 are ablations, not in the default set:
-# noise std Delta/4 (about the rounding error's own, Delta/sqrt(12)) and Delta/8, against GIFT-SW's Delta/2.
-METHODS = {"gift": ("gift", "gaussian", 1.0), "no-noise": ("gift", "none", 1.0), "lora": ("lora", "none", 1.0),
-           "gift-s0.5": ("gift", "gaussian", 0.5), "gift-s0.25": ("gift", "gaussian", 0.25)}
+# name: (method, noise, noise scale, objective); gift-s0.5 and gift-s0.25 are ablations, not in the
+# default set: noise std Delta/4 (about the rounding error's own, Delta/sqrt(12)) and Delta/8, against
+# GIFT-SW's Delta/2.
+METHODS = {"gift": ("gift", "gaussian", 1.0, "ce"), "no-noise": ("gift", "none", 1.0, "ce"), "lora": ("lora", "none", 1.0, "ce"),
+           "gift-s0.5": ("gift", "gaussian", 0.5, "ce"), "gift-s0.25": ("gift", "gaussian", 0.25, "ce"),
+           "kd": ("gift", "none", 1.0, "kd"), "kd-lora": ("lora", "none", 1.0, "kd")}
 DEFAULT_METHODS = ["gift", "no-noise", "lora"]
 
 
@@ -50,8 +55,7 @@ def run_one(args) -> dict:
     import qrecover
     from qrecover.jobs import recover
     from qrecover.models import reference_model_dir
-    from qrecover.recover import RecoverConfig
-    from qrecover.train import TrainConfig
+    from qrecover.recovery.config import RecoverConfig, TrainConfig
 
     kind, bits = args.one.split(":")
     checkpoint = Path(args.work) / f"w{bits}"
@@ -65,11 +69,12 @@ def run_one(args) -> dict:
             qrecover.quantize("smollm2-135m", checkpoint, cfg, calib="wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, progress=False)
         model, tokenizer = qrecover.load(checkpoint)
     else:
-        method, noise, scale = METHODS[kind]
+        method, noise, scale, objective = METHODS[kind]
         config = RecoverConfig(
-            data="wikitext2", method=method, noise=noise, noise_scale=scale, max_length=args.seqlen, holdout=args.holdout,
-            cache_weights=args.weights == "cached",
-            train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=0, seed=0),
+            data="wikitext2", method=method, objective=objective, noise=noise, noise_scale=scale, max_length=args.seqlen,
+            holdout=args.holdout, cache_weights=args.weights == "cached",
+            train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=0, seed=0,
+                              precision=args.precision),
         )
         with tempfile.TemporaryDirectory() as tmp:
             out = recover(str(checkpoint), Path(tmp) / "out", config, progress=False,
@@ -77,7 +82,8 @@ def run_one(args) -> dict:
             result.update({
                 "trainable_params": out["recovery"]["trainable_params"], "lr": args.lr, "steps": args.steps,
                 "train_seconds": out["recovery"]["seconds"], "final_loss": out["final_loss"],
-                "heldout_loss": out["recovery"]["heldout_loss"],
+                "heldout_loss": out["recovery"].get("heldout_loss"),
+                "seconds_per_step": _seconds_per_step(Path(tmp) / "out"),
                 "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             })
             if not args.pilot:
@@ -89,6 +95,29 @@ def run_one(args) -> dict:
     result.update(zero_shot(args, model, tokenizer))
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _seconds_per_step(out: Path) -> float:
+    log = json.loads((out / "recovery_log.json").read_text())["log"]
+    timed = log[1:] or log  # the first step pays for warm-up
+    return sum(r["seconds"] for r in timed) / len(timed)
+
+
+def step_cost(args, launch) -> None:
+    """Seconds per step (the first, warm-up step left out) of fp32 cross-entropy without noise
+    against bf16 distillation without noise, same checkpoint, data and batch, in one run."""
+    bits = args.bits[0]
+    launch(f"before:{bits}")  # quantizes the checkpoint if it is not there yet
+    rows = []
+    for kind, precision in (("no-noise", "fp32"), ("kd", "fp32"), ("kd", "bf16")):
+        r = launch(f"{kind}:{bits}", lr=args.lrs[0], steps=args.step_cost, precision=precision, pilot=True)
+        rows.append({"run": kind, "precision": precision, "seconds_per_step": r["seconds_per_step"], "final_loss": r["final_loss"]})
+    base = rows[0]["seconds_per_step"]
+    table = ["| run | precision | s / step | ratio to fp32 cross-entropy |", "|---|---|---|---|"]
+    table += [f"| {r['run']} | {r['precision']} | {r['seconds_per_step']:.2f} | {r['seconds_per_step'] / base:.2f} |" for r in rows]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]), "step_cost": rows}, indent=2) + "\n")
+    print("\n".join(table))
 
 
 def zero_shot(args, model, tokenizer) -> dict:
@@ -122,6 +151,9 @@ def main():
     parser.add_argument("--tasks", help="zero-shot tasks after each run, comma-separated lm-eval names or NAME=PATH "
                         "(e.g. arc_easy=../shared/data/arc-easy-test.jsonl,piqa=../shared/data/piqa-valid.jsonl)")
     parser.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training precision of every method")
+    parser.add_argument("--step-cost", type=int, metavar="N", help="only time N steps of fp32 cross-entropy and of bf16 "
+                        "distillation on the first bit width, in this one run, and print their ratio")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench_recover"), help="where the quantized checkpoints are kept")
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench_recover.json"))
@@ -147,6 +179,8 @@ def main():
         print(json.dumps(result), file=sys.stderr, flush=True)
         return result
 
+    if args.step_cost:
+        return step_cost(args, launch)
     fixed = dict(spec.partition("=")[::2] for spec in args.fixed_lr)  # checked before any run starts
     if set(fixed) - set(METHODS):
         parser.error(f"--fixed-lr: unknown methods {sorted(set(fixed) - set(METHODS))}; choose from {', '.join(METHODS)}")

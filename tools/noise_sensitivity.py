@@ -29,18 +29,21 @@ sys.path.insert(0, str(ROOT))
 def noisy_perplexity(model, tokens, scale: float, draws: int, windows: int, kind: str) -> list[float]:
     """Perplexity with training noise of `scale` (0: none), once per draw, each with fresh noise."""
     from qrecover.eval.perplexity import perplexity
-    from qrecover.noise import NoiseClock, NoiseConfig
-    from qrecover.recover import salient_modules
+    from qrecover.recovery.layer import RecoveryLayer
+    from qrecover.recovery.model import finish, salient_modules
+    from qrecover.recovery.noise import NoiseClock, NoiseConfig
 
     clock = NoiseClock(seed=0)
+    names = {m: n for n, m in model.named_modules()}
     for i, m in enumerate(salient_modules(model)):
-        m.enable_noise(NoiseConfig(kind if scale > 0 else "none", scale), clock, i)
+        model.set_submodule(names[m], RecoveryLayer(m, NoiseConfig(kind if scale > 0 else "none", scale), clock, i))
     model.train()  # the layers draw noise in training mode; SmolLM2 has no dropout to switch on
     out = []
     for draw in range(draws if scale > 0 else 1):
         clock.step = draw
         out.append(perplexity(model, tokens, max_windows=windows, progress=False)["perplexity"])
     model.eval()
+    finish(model)
     return out
 
 

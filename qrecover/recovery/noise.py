@@ -1,4 +1,4 @@
-"""Quantization noise injection (QNI) for GIFT-SW recovery.
+"""Quantization noise injection (QNI) for GIFT-SW recovery, and the frozen matmul that carries it.
 
 In training, a layer's frozen part computes with W + E, where E_ij ~ N(0, (s * Delta_ij / 2)^2)
 (or U(-s * Delta_ij / 2, s * Delta_ij / 2)) is fresh at every training step and Delta_ij is the
@@ -41,17 +41,21 @@ class NoiseClock:
         return ((self.seed * 1_000_003 + self.step) * 65_537 + layer_id) % (2**63 - 1)
 
 
-def draw(delta: torch.Tensor, shape, kind: str, scale: float, seed: int, dtype) -> torch.Tensor:
-    """Noise of `shape` with per-element step delta (broadcastable), reproducible from seed."""
+def draw(delta: torch.Tensor, shape, kind: str, scale: float, seed: int) -> torch.Tensor:
+    """Float32 noise of `shape` with per-element step delta (broadcastable), reproducible from seed.
+
+    Always drawn in float32: forward and backward may run in different dtypes (under autocast the
+    gradient is often bfloat16), and both must see the same noise, rounded to their dtype.
+    """
     gen = torch.Generator(device=delta.device).manual_seed(seed)
-    half_step = delta.to(dtype) * (scale / 2)
+    half_step = delta.float() * (scale / 2)
     if kind == "gaussian":
-        return torch.randn(shape, generator=gen, device=delta.device, dtype=dtype) * half_step
-    return (torch.rand(shape, generator=gen, device=delta.device, dtype=dtype) * 2 - 1) * half_step
+        return torch.randn(shape, generator=gen, device=delta.device) * half_step
+    return (torch.rand(shape, generator=gen, device=delta.device) * 2 - 1) * half_step
 
 
-class _NoisyMatmul(torch.autograd.Function):
-    """x @ (frozen + noise); backward rebuilds the weight and redraws the noise, or reuses a kept one."""
+class _FrozenMatmul(torch.autograd.Function):
+    """x @ W for a frozen W built by make_weight; backward rebuilds it (noise redrawn) or reuses a kept one."""
 
     @staticmethod
     def forward(ctx, x, make_weight, seed, keep):
@@ -61,29 +65,34 @@ class _NoisyMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.kept if ctx.kept is not None else ctx.make_weight(grad.dtype, ctx.seed)
+        w = ctx.kept.to(grad.dtype) if ctx.kept is not None else ctx.make_weight(grad.dtype, ctx.seed)
         return grad @ w.t(), None, None, None
 
 
-def noisy_matmul(x, frozen_t, delta_t, salient_idx: torch.Tensor, noise: NoiseConfig, seed: int, keep: bool = False):
-    """x @ (frozen_t(dtype) + E) for a frozen [in, out] weight; E is zero on the salient input rows.
+def frozen_matmul(x, frozen_t, delta_t, salient_idx: torch.Tensor, noise: NoiseConfig | None, seed: int, keep: bool = False):
+    """x @ (frozen_t(dtype) + E) for a frozen [in, out] weight; E is zero on the salient input rows,
+    and zero everywhere when noise is None or off.
 
     frozen_t: dtype -> [in, out] tensor; delta_t: () -> Delta broadcastable to [in, out]. keep: hold
-    W + E until backward (a weight-sized copy per layer for the step) instead of redrawing it.
+    W + E until backward (a weight-sized copy per layer for the step) instead of rebuilding it.
     """
+    noisy = noise is not None and noise.kind != "none" and noise.scale > 0
 
     def make_weight(dtype, seed_):
         w = frozen_t(dtype)
-        e = draw(delta_t(), w.shape, noise.kind, noise.scale, seed_, dtype)
+        if not noisy:
+            return w
+        e = draw(delta_t(), w.shape, noise.kind, noise.scale, seed_)
         e[salient_idx.long()] = 0
-        return w + e
+        return w + e.to(dtype)
 
-    return _NoisyMatmul.apply(x, make_weight, seed, keep)
+    # Without noise W is kept for backward, as a plain matmul would keep it: nothing to redraw.
+    return _FrozenMatmul.apply(x, make_weight, seed, keep or not noisy)
 
 
 def row_step(weight_t: torch.Tensor, salient_idx: torch.Tensor, bits: int) -> torch.Tensor:
     """Delta [1, out] of a per-row symmetric b-bit grid (MSE clip) fitted on the non-salient rows of weight_t [in, out]."""
-    from .quant.grid import fit_grid
+    from ..quant.grid import fit_grid
 
     keep = torch.ones(weight_t.shape[0], dtype=torch.bool, device=weight_t.device)
     keep[salient_idx.long()] = False

@@ -1,75 +1,36 @@
-"""GIFT-SW recovery, and the baselines it is compared with in the same harness.
+"""The model-level driver of recovery: put trainable layers in, take them out, merge.
 
 Methods:
-- gift:  train only the 16-bit salient columns; the frozen rest computes with quantization noise
-         (noise="none" gives salient-column training without noise, the ablation);
+- gift:  train only the 16-bit salient columns (RecoveryLayer); the frozen rest computes with
+         quantization noise (noise "none" gives salient-column training without noise);
 - lora:  LoRA adapters (peft) on every projection, quantized weights and salient columns frozen;
 - full:  full fine-tuning (unquantized models only).
 
-A qrecover checkpoint is recovered in place of its salient columns and exported as checkpoint
-format v1. An ordinary model gets salient columns picked by the metric on a few training batches,
-is trained the same way, and is exported as an ordinary HF model with the columns merged back.
+A qrecover checkpoint is recovered in place of its salient columns. An ordinary model first gets
+SalientLinears, columns picked by the metric on a few training batches; after training they are
+merged back into nn.Linear.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from .config import check_bits, parse_salient, salient_count
-from .errors import QRecoverError
-from .models import LINEAR_NAMES, decoder_layers, layer_linears, set_submodule
-from .nn import QuantLinear, SalientColumns, SalientLinear
-from .noise import NOISE_KINDS, NoiseClock, NoiseConfig
-from .observer import InputStats
-from .saliency import METRICS, column_scores, resolve_metric, select_salient
-from .train import TrainConfig
-from .train_data import collate
-
-METHODS = ("gift", "lora", "full")
-
-
-@dataclass
-class RecoverConfig:
-    data: str = "default"  # training text or conversations (see train_data.py)
-    method: str = "gift"
-    noise: str = "gaussian"
-    noise_scale: float = 1.0
-    noise_bits: int | None = None  # fixed noise bit width; default: the layer's own grid (4 for unquantized)
-    max_length: int = 512
-    holdout: int = 0  # examples kept out of training to measure a held-out loss before and after
-    # Keep each quantized layer's dequantized weight during training instead of unpacking it in every
-    # forward and backward: faster steps for a float32 copy of the quantized weights in memory.
-    cache_weights: bool = False
-    train_norms: bool = False
-    lora_rank: int | None = None  # default: about as many parameters as the salient columns
-    # Unquantized models only: which columns to train.
-    salient: int | float = 128
-    metric: str = "gift"
-    saliency_batches: int = 4
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self):
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        if self.method not in METHODS:
-            raise QRecoverError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.noise not in NOISE_KINDS:
-            raise QRecoverError(f"noise {self.noise!r} is not one of {', '.join(NOISE_KINDS)}")
-        if self.noise_bits is not None:
-            check_bits(self.noise_bits, "noise bits")
-        if self.metric not in METRICS:
-            raise QRecoverError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
-        self.salient = parse_salient(self.salient)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ..config import salient_count
+from ..errors import QRecoverError
+from ..models import LINEAR_NAMES, decoder_layers, layer_linears, set_submodule
+from ..nn import QuantLinear
+from ..observer import InputStats
+from ..saliency import column_scores, resolve_metric, select_salient
+from .config import RecoverConfig
+from .data import collate
+from .layer import SALIENT_LAYERS, RecoveryLayer, SalientLinear
+from .noise import NoiseClock, NoiseConfig
 
 
-def salient_modules(model) -> list[SalientColumns]:
-    return [m for m in model.modules() if isinstance(m, SalientColumns)]
+def salient_modules(model) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, SALIENT_LAYERS)]
 
 
 def is_quantized(model) -> bool:
@@ -101,8 +62,10 @@ def add_salient_columns(model, examples, config: RecoverConfig, pad_id: int) -> 
         set_submodule(model, name, SalientLinear(linear, select_salient(scores, k), step_bits))
 
 
-def prepare(model, config: RecoverConfig, clock: NoiseClock) -> int:
-    """Freeze everything, make the method's parameters trainable; returns their number."""
+def start(model, config: RecoverConfig, clock: NoiseClock, noise_scale: float | None = None) -> int:
+    """Freeze everything, make the method's parameters trainable; returns their number.
+
+    gift: every salient layer is wrapped in a RecoveryLayer (noise_scale overrides config's)."""
     for p in model.parameters():
         p.requires_grad_(False)
     if config.method == "full":
@@ -114,11 +77,11 @@ def prepare(model, config: RecoverConfig, clock: NoiseClock) -> int:
         modules = salient_modules(model)
         if not modules or sum(m.n_salient for m in modules) == 0:
             raise QRecoverError("the model has no salient columns: nothing to train (quantize with --salient > 0)")
+        scale = config.noise_scale if noise_scale is None else noise_scale
+        noise = NoiseConfig(config.noise, scale, config.noise_bits)
+        names = {m: n for n, m in model.named_modules()}
         for i, m in enumerate(modules):
-            # Train in float32; finish_gift puts the columns back in their storage dtype.
-            m.storage_dtype = m.salient_weight.dtype
-            m.salient_weight = nn.Parameter(m.salient_weight.detach().float(), requires_grad=True)
-            m.enable_noise(NoiseConfig(config.noise, config.noise_scale, config.noise_bits), clock, i)
+            set_submodule(model, names[m], RecoveryLayer(m, noise, clock, i))
         if config.train_norms:
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -131,7 +94,7 @@ def salient_params(model, config: RecoverConfig) -> int:
     total = 0
     for i, layer in enumerate(decoder_layers(model)):
         for name, m in layer_linears(layer).items():
-            k = m.n_salient if isinstance(m, SalientColumns) else salient_count(config.salient, m.in_features, f"model.layers.{i}.{name}")
+            k = m.n_salient if isinstance(m, (*SALIENT_LAYERS, RecoveryLayer)) else salient_count(config.salient, m.in_features, f"model.layers.{i}.{name}")
             total += k * m.out_features
     return total
 
@@ -169,7 +132,7 @@ def load_lora(adapter_dir):
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .io import load_checkpoint
+    from ..io import load_checkpoint
 
     adapter_dir = Path(adapter_dir)
     settings = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -189,11 +152,27 @@ def merge_salient(model) -> None:
             set_submodule(model, name, module.merged())
 
 
-def finish_gift(model) -> None:
-    """Leave training mode: no noise, salient columns back in their storage dtype."""
-    for m in salient_modules(model):
-        m.noise = None
-        m.salient_weight = nn.Parameter(m.salient_weight.detach().to(m.storage_dtype), requires_grad=False)
+def finish(model) -> None:
+    """Take every RecoveryLayer out, leaving its base layer with the trained columns."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RecoveryLayer):
+            set_submodule(model, name, module.finish())
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy of every trainable tensor, by name: what a noise pilot restores afterwards."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore(model, state: dict[str, torch.Tensor], noise_scale: float) -> None:
+    """Put the trainable tensors back to `state` and set every RecoveryLayer's noise scale."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    for m in model.modules():
+        if isinstance(m, RecoveryLayer):
+            m.noise = NoiseConfig(m.noise.kind, noise_scale, m.noise.bits)
 
 
 def recovery_summary(config: RecoverConfig, examples, trainable: int, seconds: float) -> dict:

@@ -7,6 +7,9 @@ tokenized once and cut into blocks of max_length tokens, all of them labels. Ins
 (`system_prompt`, `question`, `response`) become conversations rendered with the tokenizer's chat
 template (or a plain "### User / ### Assistant" layout when it has none); only tokens inside
 assistant turns are labels.
+
+A mixture `a:0.7,b:0.3` takes examples from several sources in those proportions, as many as the
+sources allow without repeating any (`self`, the teacher's own text, is one such source).
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .data import load_text, read_records, record_text, tokenize
-from .errors import QRecoverError
+from ..data import load_text, read_records, record_text, tokenize
+from ..errors import QRecoverError
 
 IGNORE = -100
 # Conversational datasets on the hub, as the GIFT-SW paper used them: name -> (path, split).
@@ -127,6 +130,47 @@ def load_examples(source: str, tokenizer, max_length: int, limit: int | None = N
     if not blocks:
         raise QRecoverError(f"{source} has {len(ids)} tokens, fewer than one block of {max_length}")
     return Examples([{"input_ids": b, "labels": b} for b in blocks], "text")
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """[(source, weight)] of a data spec: one source (weight 1) or a mixture "a:0.7,b:0.3"."""
+    spec = str(spec)
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) == 1 and ":" not in spec:
+        return [(spec, 1.0)]
+    sources = []
+    for part in parts:
+        source, sep, weight = part.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or not source or not value > 0:
+            raise QRecoverError(
+                f"data mixture {spec!r}: {part!r} is not SOURCE:WEIGHT with a positive weight; "
+                "write e.g. default:0.5,self:0.5"
+            )
+        sources.append((source, value))
+    return sources
+
+
+def mix(parts: list[tuple[Examples, float]], seed: int = 0) -> Examples:
+    """Examples drawn from each part in proportion to its weight, none repeated: as many in all as
+    the scarcest part (relative to its weight) allows; each part's share a seeded random subset."""
+    if len(parts) == 1:
+        return parts[0][0]
+    total = sum(w for _, w in parts)
+    n = min(len(e.items) / (w / total) for e, w in parts)
+    gen = torch.Generator().manual_seed(seed)
+    items, kinds = [], {e.kind for e, _ in parts}
+    for examples, w in parts:
+        take = max(1, int(n * w / total))
+        chosen = torch.randperm(len(examples.items), generator=gen)[:take].sort().values
+        items += [examples.items[i] for i in chosen.tolist()]
+    return Examples(
+        items, kinds.pop() if len(kinds) == 1 else "mixed",
+        sum(e.truncated for e, _ in parts), sum(e.dropped for e, _ in parts),
+    )
 
 
 def _chat_examples(records, source: str, tokenizer, max_length: int, limit) -> Examples:

@@ -1,5 +1,5 @@
 """The training loop behind recovery: AdamW, cosine schedule with warm-up, gradient accumulation
-and clipping, bf16 autocast on GPU (fp32 on CPU), multi-GPU through `accelerate`, a progress bar,
+and clipping, the loss of an Objective (objective.py), multi-GPU through `accelerate`, a progress bar,
 a JSON loss log, and checkpoints that resume exactly (trainable tensors, optimizer, schedule
 position, data position; the noise is a function of the step, see noise.py).
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,33 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import QRecoverError
-from .train_data import BatchOrder, collate
-from .utils import atomic_write_json
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup: float = 0.03  # fraction of the steps
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    save_every: int = 50  # steps between resumable checkpoints (0: none)
-    seed: int = 0
-    explode_factor: float = 10.0  # stop when a loss exceeds this times the mean of the first steps
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise QRecoverError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise QRecoverError(f"learning rate {self.lr} must be positive")
-        if not 0 <= self.warmup < 1:
-            raise QRecoverError(f"warm-up fraction {self.warmup} must be in [0, 1)")
+from ..errors import QRecoverError
+from ..utils import atomic_write_json
+from .config import TrainConfig
+from .data import BatchOrder, collate
 
 
 @dataclass
@@ -129,19 +107,35 @@ class WorkDir:
         return json.loads((self.path / "state.json").read_text())["step"]
 
 
-def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, work_dir=None, clock=None, progress=True) -> TrainState:
-    """Train the parameters of `model` that require grad; returns the final state with its loss log."""
+def process_state():
+    """This process's place among those `accelerate launch` started (one, when run directly).
+
+    Accelerate's state is a singleton: the first one made decides. Made without cpu=True it ignores
+    ACCELERATE_USE_CPU and, on a machine without GPUs, sees a single process where there are several.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def train(model, examples, pad_id: int, config: TrainConfig, objective, settings: dict, work_dir=None, clock=None, progress=True) -> TrainState:
+    """Train the parameters of `model` that require grad to lower objective(model, batch); returns
+    the final state with its loss log."""
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="bf16" if cuda else "no")
+    # The objective applies the autocast of config.precision itself (with float32 logits).
+    process_state()
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="no")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise QRecoverError("nothing to train: the model has no trainable parameters (no salient columns?)")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    work = WorkDir(work_dir if accelerator.is_main_process else None, settings)
+    # Every process resumes from the saved state (its optimizer moments and step included); only the
+    # main one writes it.
+    work = WorkDir(work_dir, settings)
     state = work.load(model, optimizer)
     # The schedule is a pure function of the step: a resumed run starts where the saved one stopped.
     scheduler = cosine_with_warmup(optimizer, math.ceil(config.warmup * config.steps), config.steps, state.step)
@@ -150,6 +144,8 @@ def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, wor
 
     order = BatchOrder(len(examples.items), config.batch_size, config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1 and accelerator.is_main_process:
+        print(f"qrecover: training in {world} processes, {world * config.batch_size * config.grad_accum} examples a step", file=sys.stderr)
     reference = [r["loss"] for r in state.log[:5]]
     bar = tqdm(total=config.steps, initial=state.step, desc="recovery steps", disable=not (progress and accelerator.is_main_process))
     last_saved = work.latest_step
@@ -163,7 +159,7 @@ def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, wor
             if clock is not None:
                 clock.step = position
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = objective(model, batch)
                 if not torch.isfinite(loss):
                     _stop(f"the loss became {loss.item()} at step {state.step + 1}", last_saved, work)
                 accelerator.backward(loss)
@@ -186,7 +182,9 @@ def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, wor
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
         if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
             accelerator.wait_for_everyone()
-            work.save(accelerator.unwrap_model(model), optimizer, state)
+            if accelerator.is_main_process:
+                work.save(accelerator.unwrap_model(model), optimizer, state)
+            accelerator.wait_for_everyone()  # no process reads a half-written state
             last_saved = state.step
     bar.close()
     model = accelerator.unwrap_model(model)
@@ -197,19 +195,19 @@ def train(model, examples, pad_id: int, config: TrainConfig, settings: dict, wor
 
 
 @torch.no_grad()
-def mean_loss(model, items: list, pad_id: int, batch_size: int = 4) -> float:
-    """Mean next-token loss of model (in eval mode: no noise) over held-out examples."""
+def mean_loss(model, items: list, pad_id: int, objective, batch_size: int = 4) -> float:
+    """The objective of model (in eval mode: no noise) over held-out examples, one example at a time
+    weighted equally (examples of one length: the mean over their tokens)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = count = 0.0
+    total = 0.0
     for i in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate(items[i : i + batch_size], pad_id).items()}
-        tokens = float((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * tokens
-        count += tokens
+        chunk = items[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        total += float(objective(model, batch)) * len(chunk)
     model.train(was_training)
-    return total / max(count, 1.0)
+    return total / max(len(items), 1)
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int, start: int = 0):

@@ -1,0 +1,98 @@
+"""What recovery minimizes: distillation from the full-precision teacher, cross-entropy, or a mix.
+
+kd:    the mean over every real position of KL(p_teacher || p_student), the next-token
+       distributions of the model the checkpoint came from and of the checkpoint. It pulls the
+       student back to the teacher's behaviour on any text, instead of fitting the text.
+ce:    next-token cross-entropy on the labels (response tokens only for chat data).
+kd+ce: kd_weight * kd + (1 - kd_weight) * ce.
+
+The teacher gives either its full logits or, from a cache, its top-k log-probabilities; then the
+KL is that of the two distributions over the top-k tokens plus one bucket for all the others (the
+exact KL of the coarsened distributions, never above the full one).
+
+Logits are computed in float32 from the final hidden state even under bfloat16 autocast: the
+distillation target and gradient need more than bfloat16's 8 bits of mantissa.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE
+
+
+class Float32Head(nn.Module):
+    """An LM head computed in float32 whatever the surrounding autocast says (same weight tensors)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = head.weight, head.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def float32_logits(model, input_ids, attention_mask) -> torch.Tensor:
+    """[B, L, V] float32 logits of a causal LM (peft or DDP wrappers included): its body as the
+    surrounding autocast says, its head in float32. The model is called through its own forward, so
+    that wrappers (DDP's gradient hooks) see the call."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    head = base.get_output_embeddings()
+    base.set_output_embeddings(Float32Head(head))
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        base.set_output_embeddings(head)
+
+
+def kl_full(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) per position [B, L] from two logit tensors [B, L, V]."""
+    log_q = F.log_softmax(student, dim=-1)
+    log_p = F.log_softmax(teacher, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_topk(student: torch.Tensor, top_logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    """KL per position [B, L] with the teacher given by its top-k log-probabilities [B, L, k] and
+    token ids [B, L, k]; the tokens outside the top k form one bucket on both sides."""
+    log_q = F.log_softmax(student, dim=-1)
+    q_top = log_q.gather(-1, top_idx.long())
+    p_top = top_logp.exp()
+    tail_p = (1 - p_top.sum(-1)).clamp_min(1e-12)
+    tail_q = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
+    return (p_top * (top_logp - q_top)).sum(-1) + tail_p * (tail_p.log() - tail_q.log())
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+@dataclass
+class Objective:
+    kind: str  # "kd", "ce" or "kd+ce"
+    teacher: object | None = None  # teacher.Teacher for kd and kd+ce
+    kd_weight: float = 0.5
+    bf16: bool = False
+
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        device = batch["input_ids"].device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = float32_logits(model, batch["input_ids"], batch["attention_mask"])
+            if self.kind == "ce":
+                return cross_entropy(logits, batch["labels"])
+            kl = self.kd(logits, batch)
+        if self.kind == "kd":
+            return kl
+        return self.kd_weight * kl + (1 - self.kd_weight) * cross_entropy(logits, batch["labels"])
+
+    def kd(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean KL over the real (unpadded) positions of the batch."""
+        target = self.teacher.targets(batch, self.bf16)
+        per_position = kl_full(logits, target[0]) if len(target) == 1 else kl_topk(logits, *target)
+        mask = batch["attention_mask"].bool()
+        return per_position[mask].mean()
