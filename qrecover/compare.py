@@ -155,7 +155,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             result_path = stage_dir(cmp, method, bits) / "result.json"
             digest, checkpoint_digest = _digest(cmp, method, bits), _digest(cmp, method, bits, evaluation=False)
             saved = _saved_result(result_path)
-            if saved.get("digest") == digest and _has_per_example(saved):
+            if saved.get("digest") == digest and _has_every_measure(saved):
                 if "checkpoint_digest" not in saved:  # written before checkpoints had their own digest
                     saved["checkpoint_digest"] = checkpoint_digest
                     atomic_write_json(result_path, saved)
@@ -193,10 +193,10 @@ def _saved_result(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _has_per_example(row: dict) -> bool:
-    """Whether a result's zero-shot scores (if any) list each example, as the paired column needs;
-    results written before they did are re-evaluated."""
-    return all("correct" in t for t in row.get("zeroshot", {}).get("tasks", {}).values())
+def _has_every_measure(row: dict) -> bool:
+    """Whether a result has the fidelity to the model and zero-shot scores (if any) listing each
+    example, as the paired column needs; results written before they did are re-evaluated."""
+    return "kl_mean" in row and all("correct" in t for t in row.get("zeroshot", {}).get("tasks", {}).values())
 
 
 def _has_checkpoint(cmp: Comparison, method: str, bits: int) -> bool:
@@ -357,13 +357,23 @@ def _eval_windows(cmp: Comparison) -> int | None:
 
 
 def _evaluate(cmp: Comparison, model, tokenizer) -> dict:
+    """Perplexity on every eval text; on the first, the fidelity to the full-precision model (mean
+    and 99th-percentile KL, top-1 agreement) from the same forward passes; zero-shot scores."""
     from .data import eval_tokens, source_label
+    from .eval.fidelity import fidelity
     from .eval.perplexity import perplexity
+    from .models import load_pretrained
 
     results = {"perplexity_seconds": 0.0, "perplexity_windows": 0, "perplexity_windows_all": 0}
-    for dataset in cmp.eval_datasets:
+    for i, dataset in enumerate(cmp.eval_datasets):
         tokens = eval_tokens(tokenizer, dataset)
-        ppl = perplexity(model, tokens, max_windows=_eval_windows(cmp), progress=False)
+        if i == 0:
+            reference, _ = load_pretrained(cmp.model, dtype="auto")
+            ppl = fidelity(model, reference, tokens, max_windows=_eval_windows(cmp), progress=False)
+            results.update({k: ppl[k] for k in ("kl_mean", "kl_p99", "top1_agreement")})
+            del reference
+        else:
+            ppl = perplexity(model, tokens, max_windows=_eval_windows(cmp), progress=False)
         results[f"{source_label(dataset)}_perplexity"] = ppl["perplexity"]
         results["perplexity_seconds"] += ppl["seconds"]
         results["perplexity_windows"] += ppl["windows"]
@@ -380,7 +390,7 @@ def write_outputs(cmp: Comparison, rows: list[dict]) -> dict:
     out = Path(cmp.out)
     out.mkdir(parents=True, exist_ok=True)
     ppl_keys = [f"{Path(d).stem}_perplexity" for d in cmp.eval_datasets]
-    columns = ["bits", "method", "bits_per_weight", *ppl_keys, "quantize_seconds", "recover_seconds", "peak_memory_mb"]
+    columns = ["bits", "method", "bits_per_weight", *ppl_keys, "kl_mean", "top1_agreement", "quantize_seconds", "recover_seconds", "peak_memory_mb"]
     if cmp.tasks:
         columns += ["zeroshot_mean", "zeroshot_vs_peer"]
     for row in rows:

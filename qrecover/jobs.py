@@ -124,7 +124,10 @@ def _teacher_for(model: str, config: RecoverConfig, tokenizer, device, progress:
             f"distillation needs a teacher, and {model} names none (an ordinary model, or a checkpoint "
             "written before qrecover recorded its source): pass --teacher MODEL, or --objective ce"
         )
-    return Teacher(spec, tokenizer, device, config.teacher_topk, config.teacher_cache, progress)
+    # On a GPU under bf16 the teacher is held in bfloat16 (half the memory); on a CPU in float32,
+    # its matmuls under the same autocast as the student's.
+    dtype = torch.bfloat16 if config.train.bf16_on(device) and torch.device(device).type == "cuda" else torch.float32
+    return Teacher(spec, tokenizer, device, config.teacher_topk, config.teacher_cache, progress, dtype)
 
 
 def _training_examples(config: RecoverConfig, tokenizer, teacher: Teacher | None):

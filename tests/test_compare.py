@@ -20,6 +20,7 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
     assert set(by_method) == {"rtn", "gptq", "gptqmodel", "salient", "gift", "lora"}
     for r in rows:
         assert r["wikitext2_perplexity"] > 1 and r["peak_memory_mb"] > 0
+        assert r["kl_mean"] > 0 and 0 < r["top1_agreement"] <= 1  # fidelity to the unquantized model
     # Real bits per weight: 4-bit codes plus fp16 scales and zeros of 128-column groups and g_idx,
     # plus 16-bit columns for the salient methods, plus the adapter for LoRA.
     assert 4.1 < by_method["gptq"]["bits_per_weight"] < 5.0
@@ -59,7 +60,7 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
         assert r["wikitext2_perplexity"] == pytest.approx(by_method[m]["wikitext2_perplexity"], rel=1e-4)
         kept = ("quantize_seconds", "recover_seconds", "bits_per_weight", "peak_memory_mb", "checkpoint_digest")
         assert {k: r.get(k) for k in kept} == {k: by_method[m].get(k) for k in kept}
-        assert r["digest"] != by_method[m]["digest"] and r["stage_seconds"] > by_method[m]["stage_seconds"]
+        assert r["digest"] != by_method[m]["digest"]
     assert "zeroshot_mean" in (out / "comparison.md").read_text()
     # Each row's zero-shot mean is paired with the best baseline's (the only one here: GPTQModel) on the same examples.
     saved = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}

@@ -458,3 +458,19 @@ def test_self_written_text_is_made_once_and_reused(quantized_tiny, tiny_model_di
 
     monkeypatch.setattr(teacher_module.Teacher, "model", property(lambda self: pytest.fail("the teacher wrote again")))
     recover(str(quantized_tiny), tmp_path / "b", config, progress=False)  # reuses the file
+
+
+def test_the_fused_kl_matches_autograd_of_the_formula():
+    from qrecover.recovery.objective import kl_full
+
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 5, 40, requires_grad=True), torch.randn(2, 5, 40) * 3
+    log_q, log_p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    weights = torch.rand(2, 5)
+    ((log_p.exp() * (log_p - log_q)).sum(-1) * weights).sum().backward()
+    expected = student.grad.clone()
+    student.grad = None
+    kl = kl_full(student, teacher)
+    assert torch.allclose(kl, (log_p.exp() * (log_p - log_q)).sum(-1).detach(), atol=1e-6)
+    (kl * weights).sum().backward()
+    assert torch.allclose(student.grad, expected, atol=1e-6)

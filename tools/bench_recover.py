@@ -72,7 +72,7 @@ def run_one(args) -> dict:
         method, noise, scale, objective = METHODS[kind]
         config = RecoverConfig(
             data="wikitext2", method=method, objective=objective, noise=noise, noise_scale=scale, max_length=args.seqlen,
-            holdout=args.holdout, cache_weights=args.weights == "cached",
+            holdout=args.holdout, cache_weights=args.weights == "cached", teacher_cache=args.teacher_cache,
             train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=0, seed=0,
                               precision=args.precision),
         )
@@ -104,17 +104,22 @@ def _seconds_per_step(out: Path) -> float:
 
 
 def step_cost(args, launch) -> None:
-    """Seconds per step (the first, warm-up step left out) of fp32 cross-entropy without noise
-    against bf16 distillation without noise, same checkpoint, data and batch, in one run."""
+    """Seconds per step (the first, warm-up step left out) of cross-entropy and of distillation, both
+    without noise, in fp32 and bf16, the teacher live or cached (the cache filled before the timed
+    steps), same checkpoint, data and batch, in one run."""
     bits = args.bits[0]
     launch(f"before:{bits}")  # quantizes the checkpoint if it is not there yet
+    cache = str(Path(args.work) / f"teacher-cache-w{bits}")
     rows = []
-    for kind, precision in (("no-noise", "fp32"), ("kd", "fp32"), ("kd", "bf16")):
-        r = launch(f"{kind}:{bits}", lr=args.lrs[0], steps=args.step_cost, precision=precision, pilot=True)
-        rows.append({"run": kind, "precision": precision, "seconds_per_step": r["seconds_per_step"], "final_loss": r["final_loss"]})
+    for kind, precision, teacher in (("no-noise", "fp32", None), ("no-noise", "bf16", None), ("kd", "fp32", None),
+                                     ("kd", "bf16", None), ("kd", "bf16", cache)):
+        r = launch(f"{kind}:{bits}", lr=args.lrs[0], steps=args.step_cost, precision=precision, pilot=True, teacher_cache=teacher)
+        rows.append({"run": "cross-entropy" if kind == "no-noise" else "distillation", "precision": precision,
+                     "teacher": "-" if kind == "no-noise" else ("cached" if teacher else "live"),
+                     "seconds_per_step": r["seconds_per_step"], "final_loss": r["final_loss"]})
     base = rows[0]["seconds_per_step"]
-    table = ["| run | precision | s / step | ratio to fp32 cross-entropy |", "|---|---|---|---|"]
-    table += [f"| {r['run']} | {r['precision']} | {r['seconds_per_step']:.2f} | {r['seconds_per_step'] / base:.2f} |" for r in rows]
+    table = ["| objective | precision | teacher | s / step | ratio to fp32 cross-entropy |", "|---|---|---|---|---|"]
+    table += [f"| {r['run']} | {r['precision']} | {r['teacher']} | {r['seconds_per_step']:.2f} | {r['seconds_per_step'] / base:.2f} |" for r in rows]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]), "step_cost": rows}, indent=2) + "\n")
     print("\n".join(table))
@@ -160,6 +165,7 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--pilot", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher-cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import QRecoverError
+from .perplexity import window_count
 
 
 @torch.no_grad()
@@ -27,11 +28,7 @@ def fidelity(model, reference, tokens: torch.Tensor, seqlen: int = 2048, max_win
             f"the model has {model.config.vocab_size} tokens and the reference {reference.config.vocab_size}: "
             "their distributions cannot be compared; use the model it was quantized from as the reference"
         )
-    n_windows = tokens.shape[1] // seqlen
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
-    if n_windows < 1:
-        raise QRecoverError(f"the text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
+    n_windows = window_count(tokens, seqlen, max_windows)
     device = next(model.parameters()).device
     ref_device = next(reference.parameters()).device
     start = time.perf_counter()

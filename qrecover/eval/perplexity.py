@@ -16,14 +16,20 @@ from tqdm.auto import tqdm
 from ..errors import QRecoverError
 
 
-@torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True) -> dict:
-    """{'perplexity', 'nll', 'windows', 'tokens', 'seconds'} of model on tokens [1, T]."""
+def window_count(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> int:
+    """How many whole windows of seqlen tokens the protocol evaluates (at most max_windows)."""
     n_windows = tokens.shape[1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
         raise QRecoverError(f"the evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
+    return n_windows
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, progress: bool = True) -> dict:
+    """{'perplexity', 'nll', 'windows', 'tokens', 'seconds'} of model on tokens [1, T]."""
+    n_windows = window_count(tokens, seqlen, max_windows)
     device = next(model.parameters()).device
     start = time.perf_counter()
     total_nll, count = 0.0, 0

@@ -65,8 +65,9 @@ def check_same_vocabulary(teacher_tok, student_tok, teacher: str) -> None:
 class Teacher:
     """Next-token targets of a teacher model, for batches of training examples."""
 
-    def __init__(self, spec: str, student_tokenizer, device, topk: int = 64, cache: str | Path | None = None, progress: bool = True):
-        self.spec, self.device, self.topk, self.progress = str(spec), device, topk, progress
+    def __init__(self, spec: str, student_tokenizer, device, topk: int = 64, cache: str | Path | None = None,
+                 progress: bool = True, dtype=torch.float32):
+        self.spec, self.device, self.topk, self.progress, self.dtype = str(spec), torch.device(device), topk, progress, dtype
         where, _ = resolve_model(self.spec)  # a clear error for a teacher that does not exist
         weights = sorted(Path(where).glob("*.safetensors")) if Path(where).is_dir() else []
         # A local teacher is identified by its weights; a hub id by its name.
@@ -84,7 +85,7 @@ class Teacher:
     def model(self):
         """The teacher model, loaded on first use (in eval mode, frozen)."""
         if self._model is None:
-            model, tokenizer = load_pretrained(self.spec, dtype=torch.float32, device=self.device)
+            model, tokenizer = load_pretrained(self.spec, dtype=self.dtype, device=self.device)
             check_same_vocabulary(tokenizer, self.student_tokenizer, self.spec)
             self._model = model.requires_grad_(False)
         return self._model
