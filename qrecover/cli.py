@@ -191,7 +191,8 @@ def _add_recover(sub):
     p.add_argument("--self-temperature", type=float, default=1.0, help="--data self: sampling temperature (default 1)")
     p.add_argument("--self-top-p", type=float, default=0.95, help="--data self: nucleus sampling threshold (default 0.95)")
     p.add_argument("--method", default="gift", choices=RECOVER_METHODS, help="gift (salient columns, default), lora (peft adapters), full (unquantized only)")
-    p.add_argument("--noise", default="gaussian", choices=NOISE_KINDS, help="noise on the frozen weights in training: gaussian N(0, (s*Delta/2)^2), uniform, or none")
+    p.add_argument("--noise", default="none", choices=NOISE_KINDS, help="noise on the frozen weights in training: gaussian N(0, (s*Delta/2)^2) "
+                   "(GIFT-SW, the paper's setting), uniform, or none (default: what measured best on SmolLM2, docs/BENCHMARKS.md)")
     p.add_argument("--noise-scale", default="1", help="multiplier s of the noise (default 1: the paper's Delta/2), or auto: "
                    f"pilots of --pilot-steps steps at s in {{{', '.join(f'{v:g}' for v in NOISE_PILOT_SCALES)}}} scored on the "
                    "--holdout examples, the best kept")

@@ -314,6 +314,8 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
     elif method in ("gift", "lora"):
         config = RecoverConfig(
             data=cmp.train_data, method="gift" if method == "gift" else "lora", objective=cmp.objective,
+            # One cache of the teacher's top-k log-probabilities serves every recovery stage: same teacher, same text.
+            teacher_cache=None if cmp.objective == "ce" else str(Path(cmp.out) / "teacher-cache"),
             max_length=preset.max_length,
             cache_weights=preset.cache_weights,
             train=TrainConfig(steps=preset.steps, batch_size=preset.batch_size,

@@ -160,7 +160,7 @@ def test_cached_weights_train_exactly_like_unpacked_ones(quantized_tiny, tiny_to
 
 
 def test_resume_reproduces_the_uninterrupted_run(quantized_tiny, tiny_tokenizer, tmp_path, monkeypatch):
-    config = RecoverConfig(train=TrainConfig(steps=6, batch_size=2, grad_accum=2, lr=1e-2, save_every=2))
+    config = RecoverConfig(noise="gaussian", train=TrainConfig(steps=6, batch_size=2, grad_accum=2, lr=1e-2, save_every=2))
     whole, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
     train(whole, examples, 0, config.train, CE, {"a": 1}, clock=clock, progress=False)
 
@@ -430,7 +430,7 @@ def test_bad_distillation_input(quantized_tiny, tiny_tokenizer, tmp_path):
 
 
 def test_noise_scale_auto_keeps_the_pilot_with_the_lowest_held_out_loss(quantized_tiny, tmp_path):
-    config = RecoverConfig(objective="ce", noise_scale="auto", pilot_steps=2, max_length=64, holdout=4,
+    config = RecoverConfig(objective="ce", noise="gaussian", noise_scale="auto", pilot_steps=2, max_length=64, holdout=4,
                            train=TrainConfig(steps=2, batch_size=2, lr=3e-3))
     summary = recover(str(quantized_tiny), tmp_path / "auto", config, progress=False)["recovery"]
     pilots = summary["noise_pilots"]
@@ -441,7 +441,9 @@ def test_noise_scale_auto_keeps_the_pilot_with_the_lowest_held_out_loss(quantize
     again = recover(str(quantized_tiny), tmp_path / "plain", plain, progress=False)["recovery"]["heldout_loss"]["after"]
     assert abs(pilots[0]["heldout_loss"] - again) < 1e-5
     with pytest.raises(QRecoverError, match="add --holdout"):
-        recover(str(quantized_tiny), tmp_path / "x", RecoverConfig(objective="ce", noise_scale="auto", max_length=64), progress=False)
+        recover(str(quantized_tiny), tmp_path / "x", RecoverConfig(objective="ce", noise="gaussian", noise_scale="auto", max_length=64), progress=False)
+    with pytest.raises(QRecoverError, match="with --noise gaussian or uniform"):
+        recover(str(quantized_tiny), tmp_path / "x", RecoverConfig(objective="ce", noise_scale="auto", holdout=4, max_length=64), progress=False)
 
 
 def test_self_written_text_is_made_once_and_reused(quantized_tiny, tiny_model_dir, tmp_path, monkeypatch):

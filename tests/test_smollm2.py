@@ -61,15 +61,19 @@ def test_quantize_save_load_evaluate(reference, w4_checkpoint):
     assert len(layers) == 30 and all(m["error"] < 0.2 for layer in layers for m in layer["modules"])
 
 
-def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_checkpoint, tmp_path):
+def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_checkpoint, smollm2_dir, tmp_path):
     _, _, tokens, full = reference
     _, path = w4_checkpoint
-    config = RecoverConfig(data="wikitext2", max_length=256, train=TrainConfig(steps=2, batch_size=2, lr=1e-4))
+    # The default: distillation from the recorded source model, which lowers the held-out KL to it.
+    config = RecoverConfig(data="wikitext2", max_length=256, holdout=4, train=TrainConfig(steps=4, batch_size=2, lr=5e-4, precision="bf16"))
     result = recover(str(path), tmp_path / "rec", config, progress=False)
+    held = result["recovery"]["heldout_loss"]
+    assert held["objective"] == "kd" and held["after"] < 0.97 * held["before"], held
     assert result["recovery"]["trainable_params"] == 30 * (17 * (576 * 2 + 192 * 2 + 1536 * 2) + 46 * 576)
     loaded, _, _ = load_checkpoint(tmp_path / "rec")
     qc = json.loads((tmp_path / "rec" / "config.json").read_text())["quantization_config"]
-    assert qc["recovery"]["method"] == "gift" and qc["recovery"]["noise"] == "gaussian"
+    assert qc["recovery"]["method"] == "gift" and qc["recovery"]["noise"] == "none"
+    assert qc["recovery"]["objective_used"] == "kd" and qc["recovery"]["teacher"]["model"] == str(smollm2_dir)
     assert loaded.model.layers[3].mlp.up_proj.salient_weight.dtype == torch.float16
     ppl = perplexity(loaded, tokens, max_windows=1, progress=False)["perplexity"]
     assert math.isfinite(ppl) and ppl < 1.5 * full

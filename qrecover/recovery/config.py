@@ -66,7 +66,7 @@ class RecoverConfig:
     self_samples: int = 64
     self_temperature: float = 1.0
     self_top_p: float = 0.95
-    noise: str = "gaussian"
+    noise: str = "none"  # GIFT-SW's own: gaussian (docs/BENCHMARKS.md: it costs on SmolLM2 at w3/w2)
     noise_scale: float | str = 1.0  # or "auto": short pilots over NOISE_PILOT_SCALES, scored held out
     noise_bits: int | None = None  # fixed noise bit width; default: the layer's own grid (4 for unquantized)
     pilot_steps: int = 10  # steps of each noise-scale pilot

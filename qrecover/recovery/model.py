@@ -1,8 +1,8 @@
 """The model-level driver of recovery: put trainable layers in, take them out, merge.
 
 Methods:
-- gift:  train only the 16-bit salient columns (RecoveryLayer); the frozen rest computes with
-         quantization noise (noise "none" gives salient-column training without noise);
+- gift:  train only the 16-bit salient columns (RecoveryLayer); the frozen rest computes as it is
+         (noise "none", the default) or with GIFT-SW's quantization noise (noise "gaussian");
 - lora:  LoRA adapters (peft) on every projection, quantized weights and salient columns frozen;
 - full:  full fine-tuning (unquantized models only).
 
