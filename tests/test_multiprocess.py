@@ -7,11 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from qrecover.io import load_checkpoint
-
-from test_recover import quantized_tiny  # noqa: F401  (fixture)
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
@@ -37,7 +33,7 @@ def _salient(path) -> dict:
     return {k: v.float() for k, v in load_checkpoint(path)[0].state_dict().items() if k.endswith("salient_weight")}
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch_and_resume(quantized_tiny, tmp_path):  # noqa: F811
+def test_two_processes_train_like_one_with_the_same_global_batch_and_resume(quantized_tiny, tmp_path):
     before = _salient(quantized_tiny)
     one = _launch(_recover_args(quantized_tiny, tmp_path / "one", grad_accum=2), 1)
     assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]

@@ -102,16 +102,6 @@ def test_backward_uses_the_same_noise_as_forward():
     assert torch.allclose(x.grad, w_noisy.sum(dim=1).expand(3, -1), atol=1e-4)
 
 
-@pytest.fixture
-def quantized_tiny(tiny_tokenizer, tiny_model_dir, tmp_path):
-    """A w3 checkpoint of the tiny model saved at tiny_model_dir, which it records as its source (the teacher)."""
-    model = tiny_model(vocab=len(tiny_tokenizer))
-    ids = torch.randint(0, len(tiny_tokenizer), (4, 64), generator=torch.Generator().manual_seed(0))
-    cfg = QuantConfig(bits=3, group_size=32, salient=6)
-    quantize_model(model, ids, cfg, progress=False)
-    return save_checkpoint(model, tiny_tokenizer, tmp_path / "q3", cfg, source=str(tiny_model_dir))
-
-
 def tiny_setup(path, tokenizer, config):
     model, tok, _ = load_checkpoint(path)
     examples = load_examples("default", tok, 64, limit=64)
