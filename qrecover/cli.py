@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from . import __version__
 from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
@@ -77,16 +79,24 @@ def _run_quantize(args):
         damp=args.damp, salient=args.salient, metric=args.metric, tau=args.tau, rho=args.rho,
         gamma=args.gamma, seed=args.seed, overrides=dict(args.override),
     )
-    report = quantize(
+
+    def show(report):
+        summary = {"out": args.out, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]}
+        for name, result in report.get("eval", {}).items():
+            summary[f"{name}_perplexity"] = round(result["perplexity"], 3)
+        _print_json(summary)
+
+    quantize(
         args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         overwrite=args.overwrite, eval_dataset=args.eval_dataset, eval_windows=args.eval_windows,
-        progress=not args.quiet,
+        progress=not args.quiet, echo=show,
     )
-    summary = {"out": args.out, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]}
-    for name, result in report.get("eval", {}).items():
-        summary[f"{name}_perplexity"] = round(result["perplexity"], 3)
-    print(json.dumps(summary))
+
+
+def _print_json(result: dict) -> None:
+    """Results go to the screen before any file that records them is written."""
+    print(json.dumps(result), flush=True)
 
 
 def _task_file(text: str) -> str:
@@ -136,30 +146,29 @@ def _run_eval(args):
     if args.against:
         from .jobs import fidelity
 
-        print(json.dumps(fidelity(args.path, args.against, args.dataset, args.seqlen, args.max_windows, args.device,
-                                  args.report, not args.quiet, args.cache_weights)))
+        fidelity(args.path, args.against, args.dataset, args.seqlen, args.max_windows, args.device,
+                 args.report, not args.quiet, args.cache_weights, echo=_print_json)
         return
     from .jobs import evaluate
 
-    result = evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report,
-                      not args.quiet, args.cache_weights)
-    print(json.dumps(result))
+    evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report,
+             not args.quiet, args.cache_weights, echo=_print_json)
 
 
 def _run_zeroshot(args):
     from .eval.zeroshot import zeroshot
     from .jobs import parse_dtype
-    from .utils import atomic_write_json
+    from .outputs import write_report
 
     local = {spec.partition("=")[0] for spec in args.task_file}
     tasks = [t for t in ZEROSHOT_TASKS if t not in local] if args.tasks == "all" else (args.tasks or "").split(",")
     result = zeroshot(args.path, [*tasks, *args.task_file], limit=args.limit, batch_size=args.batch_size,
                       device=args.device, dtype=parse_dtype(args.dtype), cache_weights=args.cache_weights,
                       per_example=args.per_example)
+    _print_json(result)
     report = args.report or (Path(args.path) / "eval_zeroshot.json" if Path(args.path).is_dir() else None)
     if report is not None:
-        atomic_write_json(report, result)
-    print(json.dumps(result))
+        write_report(report, result)
 
 
 def _add_recover(sub):
@@ -244,13 +253,14 @@ def _run_recover(args):
         max_length=args.max_length, holdout=args.holdout, train_norms=args.train_norms, lora_rank=args.lora_rank,
         salient=args.salient, metric=args.metric, cache_weights=args.cache_weights, train=train,
     )
-    result = recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet)
-    if "recovery" not in result:
-        return  # another process than the main one of an `accelerate launch`: the main one reports
-    summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
-    for name, value in result.get("eval", {}).items():
-        summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
-    print(json.dumps(summary))
+
+    def show(result):  # only the main process of an `accelerate launch` reports
+        summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
+        for name, value in result.get("eval", {}).items():
+            summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
+        _print_json(summary)
+
+    recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet, echo=show)
 
 
 def _add_run(sub):
@@ -345,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recover(sub)
     _add_eval(sub)
     _add_compare(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="on an error, show its Python traceback too")
     return parser
 
 
@@ -353,7 +365,16 @@ def main(argv=None) -> int:
     try:
         args.run(args)
     except QRecoverError as e:
+        if args.debug:
+            raise
         print(f"qrecover: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as e:
+        # A disk or file problem met where qrecover did not expect one: still no traceback.
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"qrecover: error: {getattr(e, 'strerror', None) or e}{where}; rerun with --debug for the traceback", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qrecover: interrupted; rerun the same command to resume from its .qrecover-work directory", file=sys.stderr)

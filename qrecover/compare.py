@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .config import check_bits, check_damp
 from .errors import QRecoverError
+from .outputs import claim
 from .utils import atomic_write_json, peak_memory_mb
 
 METHODS = ("rtn", "gptq", "gptqmodel", "awq", "salient", "gift", "lora")
@@ -145,6 +146,7 @@ def missing_package(method: str) -> str | None:
 
 def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
     """Run what is missing, then write the table, files and plots; returns the rows."""
+    claim(cmp.out, "comparison")  # a new or empty folder, or one an earlier comparison made
     rows = []
     for bits in cmp.bits:
         for method in [m for m in METHODS if m in cmp.methods]:

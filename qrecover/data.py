@@ -57,20 +57,36 @@ def shared_file(name: str) -> Path | None:
 
 
 def read_text_file(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise QRecoverError(f"{path} is a binary file, not text: give a UTF-8 .txt, .json or .jsonl file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise QRecoverError(
+            f"{path} is not UTF-8 text (byte {e.start}, line {line}: {e.reason}); convert it to UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8) or give another file"
+        ) from e
     # WikiText files have CRLF line ends; tokenizers must see "\n".
-    return path.read_bytes().decode("utf-8").replace("\r\n", "\n")
+    return text.replace("\r\n", "\n")
 
 
 def read_records(path: Path) -> list[dict]:
     """The records of a .jsonl file (one JSON object a line) or a .json file (a list of objects)."""
     text = read_text_file(path)
-    try:
-        if path.suffix == ".json":
+    if path.suffix == ".json":
+        try:
             records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise QRecoverError(f"{path} is not valid JSON{' lines' if path.suffix != '.json' else ''}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise QRecoverError(f"{path} is not valid JSON: {e}") from e
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                records.extend([json.loads(line)] if line.strip() else [])
+            except json.JSONDecodeError as e:
+                raise QRecoverError(f"{path}, line {number}: not a JSON object ({e.msg} at column {e.colno})") from e
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise QRecoverError(f"{path} must hold JSON objects (one a line for .jsonl, a list for .json)")
     return records

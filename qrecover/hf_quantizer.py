@@ -6,6 +6,9 @@ the meta device, swaps every quantizable linear for an empty QuantLinear shaped 
 checkpoint's tensor headers (io.install_quant_linears, the same step and checks as
 qrecover.load_checkpoint). transformers' own loader then fills those layers in like any other
 weights, so `generate`, `pipeline(...)`, device maps and lm-eval's `--model hf` work unchanged.
+
+It also refuses a checkpoint whose config.json lost its quantization_config: transformers would
+otherwise build an ordinary model, fill every linear with random weights and only log it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -50,6 +54,35 @@ def _tensor_headers(files) -> dict:
         except (SafetensorError, OSError, KeyError) as e:
             raise QRecoverError(f"{file} is corrupted, truncated or holds an unknown dtype ({e}); re-export the checkpoint") from e
     return headers
+
+
+# Tensors only a packed (qrecover or GPTQ) layer holds: unexpected in an ordinary model.
+PACKED_TENSORS = ("qweight", "qzeros", "salient_idx", "salient_weight")
+
+
+def refuse_packed_tensors(keys, path) -> None:
+    """Refuse to load packed tensors into an ordinary model: its config lost its quantization_config."""
+    packed = sorted(k for k in keys if k.rsplit(".", 1)[-1] in PACKED_TENSORS)
+    if packed:
+        raise QRecoverError(
+            f"{path} holds quantized tensors ({', '.join(packed[:3])}{' ...' if len(packed) > 3 else ''}) but its "
+            "config.json has no quantization_config, so they would load as an ordinary model with random weights: "
+            "restore config.json from the checkpoint as qrecover wrote it (its quantization_config has quant_method qrecover)"
+        )
+
+
+_finalize_model_loading = PreTrainedModel._finalize_model_loading
+
+
+def _finalize_refusing_packed_tensors(model, load_config, loading_info):
+    # transformers reports unexpected weights only in a log line; this is the one place where every
+    # from_pretrained has them, before the missing weights get their random initialization.
+    if load_config.hf_quantizer is None:
+        refuse_packed_tensors(loading_info.unexpected_keys, load_config.pretrained_model_name_or_path)
+    return _finalize_model_loading(model, load_config, loading_info)
+
+
+PreTrainedModel._finalize_model_loading = staticmethod(_finalize_refusing_packed_tensors)
 
 
 @register_quantizer(METHOD)

@@ -20,7 +20,8 @@ from .config import QuantConfig
 from .errors import QRecoverError
 from .models import decoder_layers, layer_linears, load_pretrained, read_config, set_submodule
 from .nn import QuantLinear
-from .utils import atomic_dir, atomic_write_json
+from .outputs import atomic_dir
+from .utils import atomic_write_json
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -117,7 +118,9 @@ def _write_weights(tensors: dict, where: Path, max_shard_bytes: int) -> None:
         current[name] = t
         size += nbytes
     shards.append(current)
-    meta = {"format": "pt", "producer": f"qrecover {__version__}"}
+    # One metadata entry: safetensors stores metadata as a hash map, so several entries come out in a
+    # different order on every save, and identical runs would not give identical bytes.
+    meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(where / WEIGHTS), metadata=meta)
         return
@@ -163,7 +166,8 @@ def save_checkpoint(
         if extras is not None:
             extras(tmp)
 
-    return atomic_dir(out_dir, build, overwrite)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return atomic_dir(out_dir, build, overwrite, needed_bytes=needed)
 
 
 def is_checkpoint(path) -> bool:

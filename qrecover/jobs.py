@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,7 +30,8 @@ from .recovery.noise import NoiseClock
 from .recovery.objective import Objective
 from .recovery.teacher import Teacher
 from .recovery.trainer import mean_loss, plot_loss, process_state, train
-from .utils import atomic_dir, atomic_write_json, peak_memory_mb
+from .outputs import atomic_dir, check_output, write_report
+from .utils import atomic_write_json, peak_memory_mb
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -67,11 +69,11 @@ def quantize(
     eval_dataset: str | None = None,
     eval_windows: int | None = None,
     progress: bool = True,
+    echo: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Load, calibrate, quantize, save checkpoint format v1 to `out`, optionally evaluate; returns the report."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
+    """Load, calibrate, quantize, optionally evaluate, save checkpoint format v1 to `out`; returns
+    the report. echo(report) shows it before the checkpoint is written (a failed write loses no number)."""
+    out = check_output(out, [model, calib], overwrite)
     start = time.perf_counter()
     net, tokenizer = load_pretrained(model, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     # Round to nearest without salient columns reads only the weights: no calibration text is loaded.
@@ -84,8 +86,11 @@ def quantize(
     if eval_dataset:
         tokens = eval_tokens(tokenizer, eval_dataset)
         report["eval"] = {source_label(eval_dataset): perplexity(net, tokens, max_windows=eval_windows, progress=progress)}
-    report["total_seconds"] = round(time.perf_counter() - start, 2)
+    before = (report["resumed"] or {}).get("seconds_before", 0.0)
+    report["total_seconds"] = round(before + time.perf_counter() - start, 2)  # earlier interrupted runs' work included
     report["peak_memory_mb"] = peak_memory_mb(report["device"])
+    if echo is not None:
+        echo(report)
     save_checkpoint(net, tokenizer, out, config, report=report, overwrite=overwrite, source=model_source(model))
     shutil.rmtree(work, ignore_errors=True)
     return report
@@ -101,8 +106,10 @@ def evaluate(
     report_path: str | Path | None = None,
     progress: bool = True,
     cache_weights: bool = False,
+    echo: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Perplexity of a checkpoint or ordinary model on an evaluation text.
+    """Perplexity of a checkpoint or ordinary model on an evaluation text; echo(result) shows it
+    before its report is written.
 
     cache_weights: dequantize every quantized linear once and keep it (memory for speed).
     """
@@ -112,9 +119,15 @@ def evaluate(
     result = {"model": str(path), "dataset": dataset, **perplexity(net, eval_tokens(tokenizer, dataset), seqlen, max_windows, progress)}
     if report_path is None and Path(path).is_dir():
         report_path = Path(path) / f"eval_{source_label(dataset)}.json"
-    if report_path is not None:
-        atomic_write_json(report_path, result)
+    _show_then_save(result, report_path, echo)
     return result
+
+
+def _show_then_save(result: dict, report_path, echo) -> None:
+    if echo is not None:
+        echo(result)
+    if report_path is not None:
+        write_report(report_path, result)
 
 
 def _teacher_for(model: str, config: RecoverConfig, tokenizer, device, progress: bool) -> Teacher:
@@ -169,11 +182,11 @@ def fidelity(
     report_path: str | Path | None = None,
     progress: bool = True,
     cache_weights: bool = False,
+    echo: Callable[[dict], None] | None = None,
 ) -> dict:
     """How close a checkpoint's next-token distributions are to model `against`'s (eval/fidelity.py).
 
-    The result is printed by the CLI before its report is written (fidelity_<dataset>.json in a
-    checkpoint directory)."""
+    echo(result) shows it before its report is written (fidelity_<dataset>.json in a checkpoint directory)."""
     net, tokenizer = load(path, device=device)
     reference, ref_tokenizer = load(against, device=device)
     if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
@@ -185,8 +198,7 @@ def fidelity(
               **fidelity_of(net, reference, tokens, seqlen, max_windows, progress)}
     if report_path is None and Path(path).is_dir():
         report_path = Path(path) / f"fidelity_{source_label(dataset)}.json"
-    if report_path is not None:
-        atomic_write_json(report_path, result)
+    _show_then_save(result, report_path, echo)
     return result
 
 
@@ -199,14 +211,15 @@ def recover(
     eval_dataset: str | None = None,
     eval_windows: int | None = None,
     progress: bool = True,
+    echo: Callable[[dict], None] | None = None,
 ) -> dict:
     """Recover a qrecover checkpoint (or fine-tune an ordinary model) on config.data; save to `out`.
 
     Resumes from `<out>.qrecover-work` when an earlier run with the same settings was interrupted.
+    echo(result) shows the result before the output is written.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise QRecoverError(f"output path {out} exists; choose another or pass --overwrite")
+    inputs = [model, config.teacher, *(source for source, _ in parse_sources(config.data))]
+    out = check_output(out, inputs, overwrite)
     start_time = time.perf_counter()
     process = process_state()  # one process, or one of several under `accelerate launch`
     device = torch.device(device) if device else process.device
@@ -267,7 +280,8 @@ def recover(
     if not process.is_main_process:
         return {"out": str(out), "final_loss": state.log[-1]["loss"] if state.log else None}
 
-    summary = recovery_summary(config, examples, trainable, time.perf_counter() - start_time)
+    # The seconds cover every run: this one and the training steps of interrupted earlier ones.
+    summary = recovery_summary(config, examples, trainable, state.seconds_before + time.perf_counter() - start_time)
     summary["objective_used"] = kind
     if teacher is not None:
         summary["teacher"] = {"model": teacher.spec, "digest": teacher.digest, "cache": config.teacher_cache}
@@ -286,6 +300,12 @@ def recover(
 
     if config.method == "gift":
         finish(net)
+    result = {"out": str(out), "recovery": summary, "final_loss": state.log[-1]["loss"] if state.log else None}
+    if eval_dataset:
+        net.eval()
+        result["eval"] = {source_label(eval_dataset): perplexity(net, eval_tokens(tokenizer, eval_dataset), max_windows=eval_windows, progress=progress)}
+    if echo is not None:
+        echo(result)
     if qconfig is not None and config.method == "gift":
         report_path = Path(model) / REPORT
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -295,16 +315,11 @@ def recover(
         # LoRA on a quantized model: the adapter cannot be merged into packed weights; save it (peft
         # format) with the path of its base checkpoint, which qrecover.load follows.
         net.peft_config["default"].base_model_name_or_path = str(Path(model).resolve())
-        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), tokenizer.save_pretrained(tmp), extras(tmp)), overwrite)
+        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), tokenizer.save_pretrained(tmp), extras(tmp)), overwrite, kind="adapter")
     else:
         if config.method == "lora":
             net = net.merge_and_unload()
         merge_salient(net)
-        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), tokenizer.save_pretrained(tmp), extras(tmp)), overwrite)
+        atomic_dir(out, lambda tmp: (net.save_pretrained(tmp), tokenizer.save_pretrained(tmp), extras(tmp)), overwrite, kind="model")
     shutil.rmtree(work_dir_for(out), ignore_errors=True)
-
-    result = {"out": str(out), "recovery": summary, "final_loss": state.log[-1]["loss"] if state.log else None}
-    if eval_dataset:
-        net.eval()
-        result["eval"] = {source_label(eval_dataset): perplexity(net, eval_tokens(tokenizer, eval_dataset), max_windows=eval_windows, progress=progress)}
     return result

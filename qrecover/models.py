@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import QRecoverError
-from .utils import atomic_dir
+from .outputs import atomic_dir
 
 # Linears of a decoder layer in the order their inputs become available; the members of a group
 # read the same input, so one set of input statistics serves the whole group.
@@ -62,7 +62,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype=torch.float32
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return atomic_dir(out_dir, build, overwrite=True)
+    return atomic_dir(out_dir, build, overwrite=True, kind="model")
 
 
 def reference_model_dir() -> Path:
@@ -120,9 +120,16 @@ def load_pretrained(spec: str, dtype="auto", device="cpu"):
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except (OSError, ValueError) as e:
         raise QRecoverError(f"could not load model {spec!r}: {e}") from e
+    wrong = {name: sorted(info[name])[:3] for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)}
+    if wrong:
+        found = "; ".join(f"{name.replace('_', ' ')}: {', '.join(map(str, keys))}" for name, keys in wrong.items())
+        raise QRecoverError(
+            f"{spec} does not hold the weights its config.json describes ({found}); transformers would fill "
+            "them with random values: the folder is damaged, or its config belongs to another model"
+        )
     if gguf:
         del model.config.quantization_config
         model.hf_quantizer = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .errors import QRecoverError
 from .models import REPLAYABLE_BLOCKS, SUBGROUPS, decoder_layers, layer_linears, set_submodule
 from .nn import QuantLinear, hold_dense_weights
 from .observer import InputStats
+from .outputs import disk_errors
 from .quant.gptq import gptq_quantize, output_error
 from .saliency import column_scores, select_salient
 from .utils import atomic_write_json, peak_memory_mb
@@ -230,12 +232,10 @@ class _Resume:
     def __init__(self, work_dir, digest: str):
         self.dir = Path(work_dir) if work_dir else None
         self.digest = digest
-        self.state = {"digest": digest, "done": 0, "layers": []}
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "progress.json"
-        if path.is_file():
+        self.state = {"digest": digest, "done": 0, "layers": [], "seconds": 0.0}
+        # Made at the first save, so a run refused before any layer is done leaves no folder behind.
+        path = self.dir / "progress.json" if self.dir is not None else None
+        if path is not None and path.is_file():
             state = json.loads(path.read_text())
             if state.get("digest") != digest:
                 raise QRecoverError(
@@ -243,6 +243,7 @@ class _Resume:
                     "delete it or rerun with the same settings to resume"
                 )
             self.state = state
+        self.seconds_before = self.state["seconds"]  # work time of earlier, interrupted runs
 
     @property
     def done(self) -> int:
@@ -263,17 +264,20 @@ class _Resume:
         saved = load_file(self.dir / "inputs.safetensors", device=str(device))
         return [saved[f"batch{j}"] for j in range(len(saved))]
 
-    def save(self, index: int, layer, batches, reports, seconds):
+    def save(self, index: int, layer, batches, reports, seconds, elapsed: float):
         if self.dir is None:
             return
         tensors = {k: v.contiguous().cpu() for k, v in layer.state_dict().items() if _is_quant_key(k)}
-        save_file(tensors, str(self.dir / f"layer{index:04d}.safetensors"))
-        if batches is not None:
-            tmp = self.dir / "inputs.safetensors.tmp"
-            save_file({f"batch{j}": b.contiguous().cpu() for j, b in enumerate(batches)}, str(tmp))
-            tmp.replace(self.dir / "inputs.safetensors")
+        with disk_errors(self.dir, sum(t.nbytes for t in tensors.values()) + sum(b.nbytes for b in batches or [])):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(self.dir / f"layer{index:04d}.safetensors"))
+            if batches is not None:
+                tmp = self.dir / "inputs.safetensors.tmp"
+                save_file({f"batch{j}": b.contiguous().cpu() for j, b in enumerate(batches)}, str(tmp))
+                tmp.replace(self.dir / "inputs.safetensors")
         self.state["layers"].append({"index": index, "seconds": seconds, "modules": reports})
         self.state["done"] = index + 1
+        self.state["seconds"] = round(self.seconds_before + elapsed, 3)
         atomic_write_json(self.dir / "progress.json", self.state)
 
 
@@ -308,6 +312,10 @@ def quantize_model(
     generator = torch.Generator().manual_seed(config.seed)
     resume = _Resume(work_dir, _config_digest(config, samples))
     start = time.perf_counter()
+    resumed = resume.done
+    if resumed:
+        print(f"qrecover: resuming the interrupted quantization in {resume.dir}: {resume.done} of {len(layers)} "
+              f"layers were done ({resume.seconds_before:.1f} s of work)", file=sys.stderr)
     batches = resume.restore(layers, config, device, samples is not None) if resume.done else None
     kwargs = None
     if samples is not None and resume.done:
@@ -323,7 +331,7 @@ def quantize_model(
             raise QRecoverError(f"the outputs of quantized layer {i} contain NaN or Inf; try --dtype float32")
         layers[i] = layer.to(home)
         seconds = round(time.perf_counter() - layer_start, 3)
-        resume.save(i, layers[i], batches, reports, seconds)
+        resume.save(i, layers[i], batches, reports, seconds, time.perf_counter() - start)
         if resume.dir is None:
             resume.state["layers"].append({"index": i, "seconds": seconds, "modules": reports})
         bar.update(1)
@@ -334,7 +342,8 @@ def quantize_model(
         "calibration": {"samples": samples.shape[0], "seqlen": samples.shape[1]} if samples is not None else None,
         "error": "output" if samples is not None else "weight",
         "device": str(device),
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(resume.seconds_before + time.perf_counter() - start, 2),  # every run's work
+        "resumed": {"layers_done": resumed, "seconds_before": resume.seconds_before} if resumed else None,
         "peak_memory_mb": peak_memory_mb(device),
         "layers": resume.state["layers"],
     }

@@ -27,7 +27,8 @@ import yaml
 from .config import QuantConfig
 from .errors import QRecoverError
 from .recovery.config import RecoverConfig, TrainConfig
-from .utils import atomic_dir, atomic_write_json
+from .outputs import atomic_dir, claim
+from .utils import atomic_write_json
 
 
 @dataclass
@@ -149,6 +150,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
 
     if until not in STAGES:
         raise QRecoverError(f"stage {until!r} is not one of {', '.join(STAGES)}")
+    claim(recipe.out, "recipe")  # a new or empty folder, or one an earlier run of a recipe made
     stages = Stages(recipe)
     quantized = stages.root / "quantized"
     process = process_state()

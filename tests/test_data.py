@@ -34,7 +34,7 @@ def test_bad_sources(tmp_path):
         load_text(str(empty))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    with pytest.raises(QRecoverError, match="not valid JSON"):
+    with pytest.raises(QRecoverError, match="broken.jsonl, line 1: not a JSON object"):
         load_text(str(broken))
     with pytest.raises(QRecoverError, match="none of the fields.*'question'"):
         record_text({"question": "?"}, "x.jsonl")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import QRecoverError
+from ..outputs import disk_errors
 from ..utils import atomic_write_json
 from .config import TrainConfig
 from .data import BatchOrder, collate
@@ -30,6 +31,12 @@ from .data import BatchOrder, collate
 class TrainState:
     step: int = 0
     log: list = field(default_factory=list)
+    resumed_from: int = 0  # the step an interrupted run was resumed at (0: not resumed)
+
+    @property
+    def seconds_before(self) -> float:
+        """Training time of the earlier, interrupted runs (their steps up to the resumed one)."""
+        return sum(r["seconds"] for r in self.log[: self.resumed_from])
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -78,24 +85,26 @@ class WorkDir:
             params[name].data.copy_(value)
         _restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), saved["optimizer"])
         torch.set_rng_state(load_file(folder / "rng.safetensors")["cpu"])
-        return TrainState(step=saved["step"], log=saved["log"])
+        print(f"qrecover: resuming the interrupted recovery in {self.path} at step {saved['step']}", file=sys.stderr)
+        return TrainState(step=saved["step"], log=saved["log"], resumed_from=saved["step"])
 
     def save(self, model, optimizer, state: TrainState) -> None:
         if self.path is None:
             return
         name = f"step-{state.step:06d}"
         folder = self.path / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
         trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(folder / "trainable.safetensors"))
         tensors, meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(folder / "optimizer.safetensors"))
-        save_file({"cpu": torch.get_rng_state()}, str(folder / "rng.safetensors"))
-        atomic_write_json(
-            self.path / "state.json",
-            {"step": state.step, "checkpoint": name, "settings": self.settings, "optimizer": meta, "log": state.log},
-        )
+        with disk_errors(folder, sum(t.nbytes for t in [*trainable.values(), *tensors.values()])):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            save_file(trainable, str(folder / "trainable.safetensors"))
+            save_file(tensors, str(folder / "optimizer.safetensors"))
+            save_file({"cpu": torch.get_rng_state()}, str(folder / "rng.safetensors"))
+            atomic_write_json(
+                self.path / "state.json",
+                {"step": state.step, "checkpoint": name, "settings": self.settings, "optimizer": meta, "log": state.log},
+            )
         for old in self.path.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
