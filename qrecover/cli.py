@@ -285,6 +285,37 @@ def _run_recipe(args):
     print(json.dumps({"model": summary.get("model"), "evaluate": summary.get("evaluate")}))
 
 
+def _add_export(sub):
+    from .export import FORMATS, VLLM_LORA_RANKS
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint for other tools: a GPTQ base + exact LoRA adapter, a dense model, or plain GPTQ",
+        description="gptq-lora: DIR/base, a standard GPTQ v1 checkpoint (transformers, GPTQModel, vLLM load it), and "
+        "DIR/adapter, a PEFT LoRA adapter that computes the 16-bit salient columns exactly (rank padded to one vLLM "
+        f"serves: {', '.join(map(str, VLLM_LORA_RANKS))}; lora_alpha = r, scale 1); a checkpoint without salient "
+        "columns exports the base alone, a LoRA recovery its adapter plus the columns. dense: an ordinary 16-bit "
+        "model with everything merged, loadable without qrecover. gptq: the base alone with the salient columns "
+        "rounded into its grid (lossy; prints the perplexity it costs).",
+    )
+    p.add_argument("checkpoint", help="qrecover checkpoint directory, or a LoRA recovery of one (recover --method lora)")
+    p.add_argument("--to", default="gptq-lora", choices=FORMATS, help="export format (default gptq-lora)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="dtype of the 16-bit tensors (default float16)")
+    p.add_argument("--eval", dest="eval_dataset", default="wikitext2", help="--to gptq: text on which to print the perplexity before and after rounding (default wikitext2)")
+    p.add_argument("--eval-windows", type=int, default=4, help="--to gptq: windows of 2048 tokens for that perplexity (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it is an earlier qrecover output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args):
+    from .export import export
+
+    _print_json(export(args.checkpoint, args.out, args.to, DTYPES[args.dtype], args.overwrite, args.eval_dataset,
+                       args.eval_windows, not args.quiet))
+
+
 def _csv(cast):
     return lambda text: [cast(v) for v in text.split(",") if v.strip()]
 
@@ -355,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recover(sub)
     _add_eval(sub)
     _add_compare(sub)
+    _add_export(sub)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="on an error, show its Python traceback too")
     return parser

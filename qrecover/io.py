@@ -96,7 +96,7 @@ def _num(x: float):
     return "inf" if x == float("inf") else x
 
 
-def _unique_tensors(model) -> dict:
+def unique_tensors(model) -> dict:
     """The state dict without tied duplicates (e.g. lm_head.weight = embed_tokens.weight)."""
     seen, out = set(), {}
     for name, t in model.state_dict().items():
@@ -108,7 +108,8 @@ def _unique_tensors(model) -> dict:
     return out
 
 
-def _write_weights(tensors: dict, where: Path, max_shard_bytes: int) -> None:
+def write_weights(tensors: dict, where: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """tensors as model.safetensors, or as shards of at most max_shard_bytes with their index."""
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -133,8 +134,9 @@ def _write_weights(tensors: dict, where: Path, max_shard_bytes: int) -> None:
     atomic_write_json(where / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _gptq_compat_config(config: QuantConfig) -> dict:
-    """quantize_config.json for GPTQ tools; written only when no layer keeps 16-bit columns."""
+def gptq_config(config: QuantConfig) -> dict:
+    """The GPTQ v1 description of a grid (quantize_config.json, and config.json's quantization_config
+    of an export); a checkpoint gets quantize_config.json only when no layer keeps 16-bit columns."""
     return {
         "bits": config.bits, "group_size": config.group_size, "desc_act": config.desc_act,
         "sym": config.sym, "quant_method": "gptq", "checkpoint_format": "gptq",
@@ -150,7 +152,7 @@ def save_checkpoint(
     """Write a quantized model as checkpoint format v1; extras(dir) may add files. Returns the directory."""
 
     def build(tmp: Path):
-        _write_weights(_unique_tensors(model), tmp, max_shard_bytes)
+        write_weights(unique_tensors(model), tmp, max_shard_bytes)
         cfg = copy.deepcopy(model.config)
         cfg.quantization_config = quantization_config(config, recovery, source)
         cfg.save_pretrained(tmp)
@@ -160,7 +162,7 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
         if quantized and all(m.n_salient == 0 for m in quantized) and not config.overrides:
-            atomic_write_json(tmp / "quantize_config.json", _gptq_compat_config(config))
+            atomic_write_json(tmp / "quantize_config.json", gptq_config(config))
         if report is not None:
             atomic_write_json(tmp / REPORT, report)
         if extras is not None:

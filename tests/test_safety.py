@@ -75,7 +75,7 @@ def test_an_interrupted_replacement_leaves_the_old_result(tiny_model_dir, checkp
     import qrecover.io
 
     before = tree(checkpoint)
-    monkeypatch.setattr(qrecover.io, "_gptq_compat_config", lambda config: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(qrecover.io, "gptq_config", lambda config: (_ for _ in ()).throw(KeyboardInterrupt()))
     # A plain GPTQ run writes quantize_config.json: the interruption comes after the weights.
     assert main(["quantize", str(tiny_model_dir), "--out", str(checkpoint), "--overwrite", "--bits", "4", "--group-size", "32",
                  "--nsamples", "2", "--seqlen", "32", "--quiet"]) == 130
