@@ -13,6 +13,7 @@ Public API:
     use_backend(name)                          force a kernel backend in a with-block (kernels)
     zeroshot(model, tasks, limit=...)           lm-eval zero-shot accuracy; tasks "NAME" or "NAME=PATH"
     paired_difference(report_a, report_b)       a's zero-shot score minus b's, with paired standard errors
+    qrecover.export.export(ckpt, out, to)       a GPTQ base + exact LoRA adapter, a dense model, or plain GPTQ
 
 Importing qrecover also registers the "qrecover" quantization method with transformers, so
 AutoModelForCausalLM.from_pretrained(checkpoint) loads checkpoint format v1 (hf_quantizer).
