@@ -34,9 +34,7 @@ def run_to_end(args):
 
 
 def _work_folder(args):
-    from pathlib import Path
-
-    out = Path(args[args.index("--out") + 1])
+    out = output_of(args)
     return out.with_name(out.name + ".qrecover-work")
 
 
@@ -75,50 +73,57 @@ def deep_model_dir(tmp_path, tiny_tokenizer):
     return path
 
 
-def test_quantize_killed_at_random_points_resumes_to_identical_bytes(deep_model_dir, tmp_path):
-    reference = tmp_path / "reference"
-    appeared, total, _ = run_to_end(["quantize", str(deep_model_dir), "--out", str(reference), *QUANTIZE])
-    rng = random.Random(1)
+def output_of(args):
+    from pathlib import Path
+
+    return Path(args[args.index("--out") + 1])
+
+
+def kills_and_reruns(args_for, reference_args, seed: int, progress_file: str, resumed_message: str):
+    """Run reference_args to the end; then, KILLS times, kill args_for(k) at a random point, check that
+    no half checkpoint is left, rerun it to the end and check its bytes. Yields (rerun output,
+    reference output) for the caller's own checks; at least two kills must have come mid-run."""
+    appeared, total, _ = run_to_end(reference_args)
+    reference = output_of(reference_args)
+    rng = random.Random(seed)
     killed_mid_run = 0
     for k in range(KILLS):
-        out = tmp_path / f"q{k}"
-        args = ["quantize", str(deep_model_dir), "--out", str(out), *QUANTIZE]
+        args = args_for(k)
+        out = output_of(args)
         killed = kill_at_random(args, rng, total - appeared)
         assert_no_half_checkpoint(out, reference)
         if out.exists():
             continue  # killed after it finished: nothing to resume
-        resumed = _work_folder(args).exists()
+        resumed = (_work_folder(args) / progress_file).is_file()
         killed_mid_run += killed and resumed
         _, _, err = run_to_end(args)
-        assert ("resuming the interrupted quantization" in err) == resumed
-        assert weights(out) == weights(reference)
+        assert (resumed_message in err) == resumed
+        assert weights(out) == weights(reference) and not _work_folder(args).exists()
+        yield out, reference
+    assert killed_mid_run >= 2, "too few kills landed between two saves to test a resume"
+
+
+def test_quantize_killed_at_random_points_resumes_to_identical_bytes(deep_model_dir, tmp_path):
+    def args(name):
+        return ["quantize", str(deep_model_dir), "--out", str(tmp_path / name), *QUANTIZE]
+
+    for out, reference in kills_and_reruns(lambda k: args(f"q{k}"), args("reference"), 1, "progress.json",
+                                           "resuming the interrupted quantization"):
         assert (out / "config.json").read_bytes() == (reference / "config.json").read_bytes()
         report = json.loads((out / "quantization_report.json").read_text())
+        assert len(report["layers"]) == 8
         assert report["seconds"] >= sum(layer["seconds"] for layer in report["layers"])
-        assert len(report["layers"]) == 8 and not _work_folder(args).exists()
-    assert killed_mid_run >= 2, "too few kills landed between two saved layers to test a resume"
 
 
 def test_recover_killed_at_random_points_resumes_to_identical_bytes(deep_model_dir, tmp_path):
     checkpoint = tmp_path / "q"
     run_to_end(["quantize", str(deep_model_dir), "--out", str(checkpoint), *QUANTIZE])
-    reference = tmp_path / "reference"
-    appeared, total, _ = run_to_end(["recover", str(checkpoint), "--out", str(reference), *RECOVER])
-    rng = random.Random(2)
-    killed_mid_run = 0
-    for k in range(KILLS):
-        out = tmp_path / f"r{k}"
-        args = ["recover", str(checkpoint), "--out", str(out), *RECOVER]
-        killed = kill_at_random(args, rng, total - appeared)
-        assert_no_half_checkpoint(out, reference)
-        if out.exists():
-            continue
-        resumed = (_work_folder(args) / "state.json").is_file()
-        killed_mid_run += killed and resumed
-        _, _, err = run_to_end(args)
-        assert ("resuming the interrupted recovery" in err) == resumed
-        assert weights(out) == weights(reference)
+
+    def args(name):
+        return ["recover", str(checkpoint), "--out", str(tmp_path / name), *RECOVER]
+
+    for out, _ in kills_and_reruns(lambda k: args(f"r{k}"), args("reference"), 2, "state.json",
+                                   "resuming the interrupted recovery"):
         log = json.loads((out / "recovery_log.json").read_text())
         assert [r["step"] for r in log["log"]] == list(range(1, 13))
         assert log["recovery"]["seconds"] >= sum(r["seconds"] for r in log["log"])
-    assert killed_mid_run >= 2, "too few kills landed between two saved steps to test a resume"
