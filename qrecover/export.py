@@ -72,11 +72,6 @@ def _load(path) -> tuple:
     if (path / "adapter_config.json").is_file():
         path, lora = _trained_lora(path)
     model, tokenizer, config = load_checkpoint(path)
-    if config.overrides:
-        raise QRecoverError(
-            "per-module settings (--override) give layers different bit widths or groups, which one GPTQ "
-            "config cannot describe: export it --to dense"
-        )
     return model, tokenizer, config, lora
 
 
@@ -196,6 +191,11 @@ def export(checkpoint, out, to: str = "gptq-lora", dtype=torch.float16, overwrit
         raise QRecoverError(f"exports hold 16-bit weights: --dtype float16 or bfloat16, not {dtype}")
     target = check_output(out, [checkpoint], overwrite)
     model, tokenizer, config, lora = _load(checkpoint)
+    if to != "dense" and any(key in ("bits", "group_size") for values in config.overrides.values() for key in values):
+        raise QRecoverError(
+            "per-module bit widths or group sizes (--override) cannot be described by one GPTQ config: "
+            "export it --to dense"
+        )
     result = {"out": str(target), "to": to, "dtype": str(dtype).removeprefix("torch.")}
 
     if to == "dense":

@@ -151,8 +151,10 @@ def save_checkpoint(
 ) -> Path:
     """Write a quantized model as checkpoint format v1; extras(dir) may add files. Returns the directory."""
 
+    tensors = unique_tensors(model)
+
     def build(tmp: Path):
-        write_weights(unique_tensors(model), tmp, max_shard_bytes)
+        write_weights(tensors, tmp, max_shard_bytes)
         cfg = copy.deepcopy(model.config)
         cfg.quantization_config = quantization_config(config, recovery, source)
         cfg.save_pretrained(tmp)
@@ -168,8 +170,7 @@ def save_checkpoint(
         if extras is not None:
             extras(tmp)
 
-    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return atomic_dir(out_dir, build, overwrite, needed_bytes=needed)
+    return atomic_dir(out_dir, build, overwrite, needed_bytes=sum(t.nbytes for t in tensors.values()))
 
 
 def is_checkpoint(path) -> bool:

@@ -82,12 +82,13 @@ def check_output(out, inputs=(), overwrite: bool = False) -> Path:
 
 
 def _writable_parent(target: Path) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QRecoverError(f"cannot create the folder {target.parent} for {target.name}: {e.strerror}; choose another --out") from e
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise QRecoverError(f"cannot write into {target.parent} (read-only, or no permission); choose an --out in a writable folder")
+    """The folder that will hold target, or its nearest existing ancestor, must take new entries.
+    Nothing is created here: a command refused later leaves no folder behind."""
+    existing = next(folder for folder in target.parents if folder.exists())
+    if not existing.is_dir():
+        raise QRecoverError(f"cannot create the folder {target.parent} for {target.name}: {existing} is a file; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QRecoverError(f"cannot write into {existing} (read-only, or no permission); choose an --out in a writable folder")
 
 
 def _size(nbytes: float) -> str:
@@ -136,7 +137,7 @@ def claim(folder, kind: str) -> Path:
     elif not (folder / MARKER).is_file() and any(folder.iterdir()):
         names = _listing(sorted(p.name for p in folder.iterdir()))
         raise QRecoverError(f"{folder} holds files qrecover did not write ({names}): choose another or an empty folder")
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if not (folder / MARKER).is_file():
         mark(folder, kind, None)
     return folder
@@ -147,6 +148,7 @@ def atomic_dir(target, build, overwrite: bool = False, kind: str = "checkpoint",
     nobody ever sees half of it; an existing target is replaced only under check_replaceable.
     build(tmp_dir) writes the content."""
     target = check_output(target, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         with disk_errors(target, needed_bytes):

@@ -226,3 +226,20 @@ def test_an_interrupted_export_leaves_nothing_loadable(quantized_tiny, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         export(quantized_tiny, tmp_path / "export", "gptq-lora", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q3", "tiny"]
+
+
+def test_per_module_bit_widths_export_only_dense(tiny_tokenizer, tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model(hidden=160, intermediate=320, heads=5, kv_heads=1, vocab=len(tiny_tokenizer))
+    cfg = QuantConfig(bits=4, group_size=32, salient=4, overrides={"down_proj": {"bits": 8}})
+    quantize_model(model, torch.randint(0, len(tiny_tokenizer), (2, 32)), cfg, progress=False)
+    checkpoint = save_checkpoint(model, tiny_tokenizer, tmp_path / "mixed", cfg)
+    with pytest.raises(QRecoverError, match="cannot be described by one GPTQ config: export it --to dense"):
+        export(checkpoint, tmp_path / "e", "gptq-lora", progress=False)
+    out = export(checkpoint, tmp_path / "dense", "dense", progress=False)["out"]
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 16))
+    with torch.no_grad():
+        expected = load_checkpoint(checkpoint)[0](ids).logits
+        got = load_pretrained(out, dtype=torch.float32)[0](ids).logits
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()

@@ -226,3 +226,17 @@ def test_every_output_folder_carries_the_marker(checkpoint):
     marker = json.loads((checkpoint / MARKER).read_text())
     assert marker["kind"] == "checkpoint" and "model.safetensors" in marker["files"] and "config.json" in marker["files"]
     shutil.rmtree(checkpoint)
+
+
+def test_a_refused_command_creates_no_parent_folder(tmp_path, capsys):
+    assert quantize(tmp_path / "no-such-model", tmp_path / "new" / "deeper" / "o") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_recipe_folder_is_made_with_its_parents(tmp_path):
+    from qrecover.outputs import claim
+
+    folder = claim(tmp_path / "runs" / "recipe", "recipe")
+    assert json.loads((folder / MARKER).read_text()) == {"kind": "recipe", "files": None}
+    assert claim(folder, "recipe") == folder  # a rerun takes it again
