@@ -20,17 +20,21 @@ def command(args):
 
 
 def run_to_end(args):
-    """(seconds from start until the work folder first appeared, seconds until the end)."""
+    """(seconds from start until the work folder appeared, until it was removed again, stderr): the
+    window in which a kill leaves something to resume, the final save included."""
     started = time.perf_counter()
     proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    work, appeared = _work_folder(args), None
+    work, appeared, gone = _work_folder(args), None, None
     while proc.poll() is None:
+        now = time.perf_counter() - started
         if appeared is None and work.exists():
-            appeared = time.perf_counter() - started
+            appeared = now
+        elif appeared is not None and gone is None and not work.exists():
+            gone = now
         time.sleep(0.01)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
-    return appeared, time.perf_counter() - started, err
+    return appeared, gone or time.perf_counter() - started, err
 
 
 def _work_folder(args):
@@ -83,14 +87,14 @@ def kills_and_reruns(args_for, reference_args, seed: int, progress_file: str, re
     """Run reference_args to the end; then, KILLS times, kill args_for(k) at a random point, check that
     no half checkpoint is left, rerun it to the end and check its bytes. Yields (rerun output,
     reference output) for the caller's own checks; at least two kills must have come mid-run."""
-    appeared, total, _ = run_to_end(reference_args)
+    appeared, gone, _ = run_to_end(reference_args)
     reference = output_of(reference_args)
     rng = random.Random(seed)
     killed_mid_run = 0
     for k in range(KILLS):
         args = args_for(k)
         out = output_of(args)
-        killed = kill_at_random(args, rng, total - appeared)
+        killed = kill_at_random(args, rng, gone - appeared)
         assert_no_half_checkpoint(out, reference)
         if out.exists():
             continue  # killed after it finished: nothing to resume
