@@ -15,27 +15,38 @@ Public API:
     paired_difference(report_a, report_b)       a's zero-shot score minus b's, with paired standard errors
     qrecover.export.export(ckpt, out, to)       a GPTQ base + exact LoRA adapter, a dense model, or plain GPTQ
 
-Importing qrecover also registers the "qrecover" quantization method with transformers, so
-AutoModelForCausalLM.from_pretrained(checkpoint) loads checkpoint format v1 (hf_quantizer).
+Importing qrecover also registers the "qrecover" quantization method with transformers (when
+transformers is imported, see registration.py), so AutoModelForCausalLM.from_pretrained(checkpoint)
+loads checkpoint format v1 (hf_quantizer). The names below are imported on first use: importing
+one submodule (qrecover.format, say) loads neither transformers nor the rest of the package.
 """
-__version__ = "0.1.0"
+from importlib import import_module
 
-from .config import QuantConfig
-from .data import calibration_samples, eval_tokens, load_text
-from .errors import QRecoverError
-from .eval.perplexity import perplexity
-from .eval.zeroshot import paired_difference, zeroshot
-from . import hf_quantizer  # noqa: F401  (registers the transformers quantizer)
-from .kernels import use_backend
-from .io import load, load_checkpoint, save_checkpoint
-from .jobs import evaluate, quantize
-from .models import convert_gguf, load_pretrained, reference_model_dir
-from .nn import QuantLinear
-from .pipeline import quantize_model
+from ._version import __version__
+from .registration import register_when_transformers_loads
 
-__all__ = [
-    "QuantConfig", "QRecoverError", "QuantLinear", "quantize", "evaluate", "quantize_model", "load",
-    "load_checkpoint", "save_checkpoint", "load_pretrained", "convert_gguf", "reference_model_dir",
-    "calibration_samples", "eval_tokens", "load_text", "perplexity", "zeroshot", "paired_difference",
-    "use_backend",
-]
+# name -> the module that defines it
+_EXPORTS = {
+    "QuantConfig": "config", "QRecoverError": "errors", "QuantLinear": "nn", "quantize": "jobs",
+    "evaluate": "jobs", "quantize_model": "pipeline", "load": "io", "load_checkpoint": "io",
+    "save_checkpoint": "io", "load_pretrained": "models", "convert_gguf": "models",
+    "reference_model_dir": "models", "calibration_samples": "data", "eval_tokens": "data",
+    "load_text": "data", "perplexity": "eval.perplexity", "zeroshot": "eval.zeroshot",
+    "paired_difference": "eval.zeroshot", "use_backend": "kernels",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qrecover' has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+register_when_transformers_loads()

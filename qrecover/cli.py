@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from . import __version__
+from ._version import __version__
 from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
 from .eval.zeroshot import TASKS as ZEROSHOT_TASKS

@@ -21,7 +21,7 @@ from .io import gptq_config, is_checkpoint, load_checkpoint, unique_tensors, wri
 from .nn import QuantLinear
 from .outputs import atomic_dir, check_output
 from .quant.grid import fit_grid, quantize
-from .quant.pack import pack_codes, unpack_codes
+from .format import pack_codes, pack_zeros, unpack_codes, unpack_zeros
 
 FORMATS = ("gptq-lora", "dense", "gptq")
 # The LoRA ranks vLLM accepts for --max-lora-rank.
@@ -124,7 +124,7 @@ def round_salient_into_grid(q: QuantLinear, sym: bool) -> None:
     maxq = 2**q.bits - 1
     weight = q.dequantize(torch.float32)  # [out, in], the salient columns included
     codes = unpack_codes(q.qweight, q.bits, q.in_features)  # [in, out]
-    zeros = unpack_codes(q.qzeros.t(), q.bits, q.out_features).t() + 1  # v1 stores zero - 1; [groups, out]
+    zeros = unpack_zeros(q.qzeros, q.bits, q.out_features)  # [groups, out]
     g_idx = q.g_idx.long()
     for group in g_idx[q.salient_idx.long()].unique().tolist():
         cols = torch.nonzero(g_idx == group).flatten()
@@ -133,7 +133,7 @@ def round_salient_into_grid(q: QuantLinear, sym: bool) -> None:
         q.scales[group] = scale.squeeze(1).half()
         zeros[group] = zero.squeeze(1).long()
     q.qweight.copy_(pack_codes(codes, q.bits))
-    q.qzeros.copy_(pack_codes((zeros - 1).t(), q.bits).t())
+    q.qzeros.copy_(pack_zeros(zeros, q.bits))
     q.salient_idx = torch.zeros(0, dtype=torch.int32)
     q.salient_weight = nn.Parameter(q.salient_weight.new_zeros(q.out_features, 0), requires_grad=False)
 

@@ -1,6 +1,6 @@
 """Loading checkpoint format v1 through transformers: `AutoModelForCausalLM.from_pretrained(path)`.
 
-`import qrecover` registers, under the quant_method "qrecover", a quantization config that keeps
+Imported when transformers is (qrecover/__init__), it registers under the quant_method "qrecover", a quantization config that keeps
 config.json's entry verbatim and a quantizer that, while transformers builds the model skeleton on
 the meta device, swaps every quantizable linear for an empty QuantLinear shaped after the
 checkpoint's tensor headers (io.install_quant_linears, the same step and checks as
@@ -21,7 +21,6 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import QRecoverError
-from .io import check_quantization_config, config_from_checkpoint, install_quant_linears
 
 METHOD = "qrecover"
 
@@ -93,6 +92,10 @@ class QRecoverHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not checkpoint_files:
             raise QRecoverError("a qrecover checkpoint loads from its safetensors files; none were found")
+        # io imports nn, kernels and models: imported here, so that registering (done when
+        # transformers is imported, see qrecover/__init__) never waits on a module mid-import.
+        from .io import check_quantization_config, config_from_checkpoint, install_quant_linears
+
         path = Path(checkpoint_files[0]).parent
         qc = self.quantization_config.to_dict()
         check_quantization_config(qc, path)

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ._version import __version__
 from .config import QuantConfig
 from .errors import QRecoverError
 from .models import decoder_layers, layer_linears, load_pretrained, read_config, set_submodule

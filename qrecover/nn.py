@@ -13,9 +13,7 @@ from torch import nn
 
 from . import kernels
 from .errors import QRecoverError
-from .kernels import torch_ref
-from .quant.gptq import QuantResult
-from .quant.pack import pack_codes, packed_length
+from .format import QuantResult, dequantize_weight, pack_codes, pack_zeros, packed_length
 
 
 class QuantLinear(nn.Module):
@@ -65,7 +63,7 @@ class QuantLinear(nn.Module):
         out_f, in_f = result.codes.shape
         m = cls(in_f, out_f, result.bits, result.scales.shape[0], len(result.salient_idx), bias is not None, salient_dtype)
         m.qweight.copy_(pack_codes(result.codes.t(), result.bits))
-        m.qzeros.copy_(pack_codes((result.zeros.t() - 1).round().long(), result.bits).t())
+        m.qzeros.copy_(pack_zeros(result.zeros, result.bits))
         m.scales.copy_(result.scales.half())
         m.g_idx.copy_(result.g_idx)
         m.salient_idx.copy_(result.salient_idx)
@@ -76,7 +74,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_dense(self, dtype=torch.float32) -> torch.Tensor:
         """The low-bit part as a dense [in, out] matrix (zero at salient columns)."""
-        return torch_ref.dequantize_weight(
+        return dequantize_weight(
             self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, dtype
         )
 

@@ -19,7 +19,7 @@ from qrecover import kernels
 from qrecover.errors import QRecoverError
 from qrecover.kernels import torch_mm, torch_ref, triton_mm
 from qrecover.nn import QuantLinear
-from qrecover.quant.pack import pack_codes, unpack_codes
+from qrecover.format import dequantize_weight, pack_codes, unpack_codes
 
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}  # unit roundoff
 
@@ -75,7 +75,7 @@ def assert_matches_reference(layer, x, y, weights_rounded=False):
     holds them, and the dense weight exact or (weights_rounded: tl.dot and cuBLAS paths) rounded to the
     input dtype as torch_ref rounds it. What remains is the output's rounding and float32 summation."""
     x64 = x.reshape(-1, layer.in_features).double()
-    dense = torch_ref.dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(x.dtype), layer.g_idx,
+    dense = dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(x.dtype), layer.g_idx,
                                         layer.bits, layer.in_features, x.dtype if weights_rounded else torch.float64)
     dense = dense.double()
     ref = torch_ref.add_columns(x64 @ dense, x64, layer.salient_idx, layer.salient_weight.to(x.dtype).double(),

@@ -50,7 +50,7 @@ CORRECTNESS_CASES = [(1, 4096, 4096, 128, False), (5, 576, 200, 128, False), (33
 def make_layer(K, N, bits, k, device, group_size=GROUP, act_order=False, sym=False, dtype=torch.float16):
     """A random QuantLinear as checkpoint format v1 allows (codes at salient columns are the zero)."""
     from qrecover.nn import QuantLinear
-    from qrecover.quant.pack import pack_codes
+    from qrecover.format import pack_codes
 
     n_groups = 1 if group_size == -1 else math.ceil(K / group_size)
     g_idx = torch.arange(K, device=device) // (K if group_size == -1 else group_size)
@@ -123,6 +123,7 @@ def copy_bandwidth() -> float:
 
 
 def check_correctness(device) -> list[dict]:
+    from qrecover.format import dequantize_weight
     from qrecover.kernels import torch_ref, triton_mm
 
     results = []
@@ -132,7 +133,7 @@ def check_correctness(device) -> list[dict]:
                 layer = make_layer(K, N, bits, 16, device, group_size, act_order, dtype=torch.bfloat16)
                 x = torch.randn(M, K, device=device, dtype=dtype)
                 x64 = x.double()
-                dense = torch_ref.dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(dtype), layer.g_idx,
+                dense = dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(dtype), layer.g_idx,
                                                     bits, K, torch.float64)
                 ref = torch_ref.add_columns(x64 @ dense, x64, layer.salient_idx, layer.salient_weight.to(dtype).double(), None)
                 for method in ("fused", "dequantize"):

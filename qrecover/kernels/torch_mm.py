@@ -1,6 +1,6 @@
 """The torch backend: the layer in plain torch ops, without unpacking the GPTQ words on every call.
 
-Unpacking (torch_ref.dequantize_weight) takes many integer passes over the weight: re-doing it per
+Unpacking (format.dequantize_weight) takes many integer passes over the weight: re-doing it per
 call made CPU decode about 100x slower than float32. So the first call keeps d = code - zero,
 exact in int8 (int16 at 8 bits): 1 byte per weight, a quarter of a float32 copy, twice the packed
 4-bit size. Its rows are regrouped as [n_groups, group_rows, out], zero-padded, so that a group's
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import torch_ref
 from .cache import derived
-from ..quant.pack import unpack_codes
+from ..format import unpack_codes, unpack_zeros
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 per temporary: stays in a CPU core's L2/L3
 
@@ -38,7 +38,7 @@ def grouped_codes(layer) -> GroupedCodes:
     K, N, n_groups = layer.in_features, layer.out_features, layer.scales.shape[0]
     codes = unpack_codes(layer.qweight, layer.bits, K)
     g_idx = layer.g_idx.long()
-    d = codes - torch_ref.unpack_zeros(layer.qzeros, layer.bits, N)[g_idx]
+    d = codes - unpack_zeros(layer.qzeros, layer.bits, N)[g_idx]
     keep = torch.ones(K, dtype=torch.bool, device=d.device)
     keep[layer.salient_idx.long()] = False
     rows = keep.nonzero().squeeze(1)

@@ -1,26 +1,13 @@
 """Reference forward of the mixed-precision linear layer, in plain torch, on any device.
 
 y = x @ deq(qweight) + x[:, salient_idx] @ salient_weight^T (+ bias), where deq unpacks the
-GPTQ v1 codes and zeros (v1 stores zero - 1) and applies each column's group scale.
+GPTQ v1 codes and zeros (qrecover.format) and applies each column's group scale.
 """
 from __future__ import annotations
 
 import torch
 
-from ..quant.pack import unpack_codes
-
-
-def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-    """Integer zero points [n_groups, out] from GPTQ v1 qzeros (packed along the output dimension)."""
-    return unpack_codes(qzeros.t(), bits, out_features).t() + 1
-
-
-def dequantize_weight(qweight, qzeros, scales, g_idx, bits: int, in_features: int, dtype) -> torch.Tensor:
-    """The dense part, transposed: [in, out] in dtype."""
-    codes = unpack_codes(qweight, bits, in_features)
-    zeros = unpack_zeros(qzeros, bits, scales.shape[1])
-    g = g_idx.long()
-    return scales[g].to(dtype) * (codes - zeros[g]).to(dtype)
+from ..format import dequantize_weight
 
 
 def mixed_linear(x, weight_t, salient_idx, salient_weight, bias) -> torch.Tensor:

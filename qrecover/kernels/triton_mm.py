@@ -21,7 +21,7 @@ Two ways to run a layer, picked by `forward` from the number of rows M of x:
   salient columns are copied into its (zero) salient rows, and one torch.addmm does the rest.
 tools/bench_kernel.py measures both at every M.
 
-Every weight value is rounded to the activation dtype exactly as torch_ref.dequantize_weight
+Every weight value is rounded to the activation dtype exactly as format.dequantize_weight
 rounds it, so the kernels differ from the reference only in summation order.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..format import ZERO_OFFSET
 from .cache import derived
 
 BLOCKS = tl.constexpr(16)  # 32-row blocks per weight tile: the K of each slice's tl.dot (>= 16)
@@ -37,6 +38,7 @@ TILE_K = 32 * BLOCKS.value  # input rows per weight tile
 FUSED_MAX_M = 64  # up to this many rows the fused kernel runs; above, dequantize + cuBLAS
 PROGRAMS_PER_SM = 4  # split K until a launch has about this many programs per SM
 DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_ZERO_OFFSET = tl.constexpr(ZERO_OFFSET)
 
 
 @triton.jit
@@ -53,7 +55,7 @@ def _code(lo, hi, SHIFT: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS: tl.constexpr):
     """2^23 + the zero points of groups g at output columns n (broadcast together) as float32, from
-    GPTQ v1 qzeros, which packs along the output dimension and stores zero - 1."""
+    GPTQ v1 qzeros, which packs along the output dimension and stores zero - ZERO_OFFSET."""
     bit = (n % 32) * BITS
     ptr = qzeros_ptr + g * zero_stride + (n // 32) * BITS + bit // 32
     shift = (bit % 32).to(tl.uint32)
@@ -62,7 +64,7 @@ def _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS: tl.constexpr):
         spill = mask & (shift + BITS > 32)
         hi = tl.load(ptr + 1, mask=spill, other=0).to(tl.uint32, bitcast=True)
         v = v | tl.where(spill, hi << ((32 - shift) % 32), 0)
-    return ((v & ((1 << BITS) - 1)) + 1).to(tl.float32) + 8388608.0
+    return ((v & ((1 << BITS) - 1)) + _ZERO_OFFSET).to(tl.float32) + 8388608.0
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def _use_slice(acc, part, w, k, k_mask, x_ptr, w_out_ptr, n, n_mask, m, m_mask, 
     elif BLOCK_M == 1:
         xs = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
         part += w * xs.to(tl.float32)
-    else:  # w rounded to DTYPE exactly as torch_ref.dequantize_weight rounds it
+    else:  # w rounded to DTYPE exactly as format.dequantize_weight rounds it
         xs = tl.load(x_ptr + m[None, :] * stride_xm + k[:, None], mask=k_mask[:, None] & m_mask[None, :], other=0)
         acc = tl.dot(w.to(DTYPE), xs, acc)
     return acc, part

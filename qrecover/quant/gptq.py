@@ -15,47 +15,15 @@ H_jj and groups are runs of group_size visited columns (GPTQ's act-order; g_idx 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import QRecoverError
+from ..format import QuantResult
 from .grid import dequantize, fit_grid, quantize
 
 BLOCK = 128  # columns per lazy-update block when there are no groups to follow
 MAX_DAMP = 1.0
-
-
-@dataclass
-class QuantResult:
-    codes: torch.Tensor  # [out, in] integer codes (salient columns hold their group's zero)
-    scales: torch.Tensor  # [n_groups, out]
-    zeros: torch.Tensor  # [n_groups, out]
-    g_idx: torch.Tensor  # [in] group of each input column
-    salient_idx: torch.Tensor  # [k] sorted
-    salient_weight: torch.Tensor  # [out, k]
-    bits: int
-    damp: float  # the dampening finally used (raised when Cholesky failed)
-
-    def rows(self, start: int, end: int) -> "QuantResult":
-        """The result for output rows start:end (rows are quantized independently of each other)."""
-        return QuantResult(
-            codes=self.codes[start:end],
-            scales=self.scales[:, start:end],
-            zeros=self.zeros[:, start:end],
-            g_idx=self.g_idx,
-            salient_idx=self.salient_idx,
-            salient_weight=self.salient_weight[start:end],
-            bits=self.bits,
-            damp=self.damp,
-        )
-
-    def dequantize(self) -> torch.Tensor:
-        """The weight [out, in] this result computes with, salient columns included."""
-        g = self.g_idx.long()
-        w = dequantize(self.codes.float(), self.scales.t()[:, g], self.zeros.t()[:, g])
-        w[:, self.salient_idx] = self.salient_weight.float()
-        return w
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float):

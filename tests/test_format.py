@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qrecover.quant.pack import pack_codes, packed_length, unpack_codes
+from qrecover.format import pack_codes, packed_length, unpack_codes
 
 
 def reference_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -45,3 +45,15 @@ def test_three_bit_codes_cross_words():
     words = pack_codes(codes, 3).to(torch.int64) & 0xFFFFFFFF
     assert (words[0, 0] >> 30) == 0b01 and (words[1, 0] & 1) == 0b1
     assert (words[1, 0] >> 31) == 0b1 and (words[2, 0] & 0b11) == 0b01
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_points_are_stored_minus_one(bits):
+    """GPTQ v1's qzeros hold zero - 1, packed along the output dimension, as GPTQ tools read them."""
+    from qrecover.format import pack_zeros, unpack_zeros
+
+    zeros = torch.randint(1, 2**bits, (3, 96))
+    qzeros = pack_zeros(zeros, bits)
+    assert qzeros.shape == (3, packed_length(96, bits))
+    assert torch.equal(reference_pack((zeros - 1).t(), bits).t().to(torch.int32), qzeros)
+    assert torch.equal(unpack_zeros(qzeros, bits, 96), zeros)
