@@ -2,8 +2,8 @@
 
 Public API:
     QuantConfig, QRecoverError
-    quantize(model, out, config, ...)          load, calibrate, quantize, save (jobs.quantize)
-    evaluate(path, dataset, ...)               perplexity of a checkpoint or model (jobs.evaluate)
+    quantize(model, out, config, ...)          load, calibrate, quantize, save (api.quantize)
+    evaluate(path, dataset, ...)               perplexity of a checkpoint or model (api.evaluate)
     quantize_model(model, samples, config)     the layer-by-layer driver on an in-memory model
     load(spec), load_checkpoint(path), save_checkpoint(model, tokenizer, out, config)
     load_pretrained(spec), convert_gguf(file, out_dir), reference_model_dir()
@@ -27,11 +27,11 @@ from .registration import register_when_transformers_loads
 
 # name -> the module that defines it
 _EXPORTS = {
-    "QuantConfig": "config", "QRecoverError": "errors", "QuantLinear": "nn", "quantize": "jobs",
-    "evaluate": "jobs", "quantize_model": "pipeline", "load": "io", "load_checkpoint": "io",
+    "QuantConfig": "config", "QRecoverError": "errors", "QuantLinear": "nn", "quantize": "api",
+    "evaluate": "api", "quantize_model": "pipeline", "load": "api", "load_checkpoint": "io",
     "save_checkpoint": "io", "load_pretrained": "models", "convert_gguf": "models",
     "reference_model_dir": "models", "calibration_samples": "data", "eval_tokens": "data",
-    "load_text": "data", "perplexity": "eval.perplexity", "zeroshot": "eval.zeroshot",
+    "load_text": "data", "perplexity": "eval.perplexity", "zeroshot": "api",
     "paired_difference": "eval.zeroshot", "use_backend": "kernels",
 }
 __all__ = ["__version__", *_EXPORTS]

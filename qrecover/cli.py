@@ -1,4 +1,4 @@
-"""`qrecover` command line: a thin layer over qrecover.jobs."""
+"""`qrecover` command line: a thin layer over qrecover.api."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from ._version import __version__
 from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
 from .eval.zeroshot import TASKS as ZEROSHOT_TASKS
-from .jobs import DTYPES
+from .api import DTYPES
 from .recovery.config import METHODS as RECOVER_METHODS, NOISE_KINDS, NOISE_PILOT_SCALES, OBJECTIVES, PRECISIONS
 from .saliency import METRICS
 
@@ -71,7 +71,7 @@ def _add_quantize(sub):
 
 
 def _run_quantize(args):
-    from .jobs import quantize
+    from .api import quantize
 
     config = QuantConfig(
         bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
@@ -144,20 +144,20 @@ def _run_eval(args):
     if args.tasks or args.task_file:
         return _run_zeroshot(args)
     if args.against:
-        from .jobs import fidelity
+        from .api import fidelity
 
         fidelity(args.path, args.against, args.dataset, args.seqlen, args.max_windows, args.device,
                  args.report, not args.quiet, args.cache_weights, echo=_print_json)
         return
-    from .jobs import evaluate
+    from .api import evaluate
 
     evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report,
              not args.quiet, args.cache_weights, echo=_print_json)
 
 
 def _run_zeroshot(args):
-    from .eval.zeroshot import zeroshot
-    from .jobs import parse_dtype
+    from .api import zeroshot
+    from .api import parse_dtype
     from .outputs import write_report
 
     local = {spec.partition("=")[0] for spec in args.task_file}
@@ -236,7 +236,7 @@ def _add_recover(sub):
 
 
 def _run_recover(args):
-    from .jobs import recover
+    from .api import recover
     from .recovery.config import RecoverConfig, TrainConfig
 
     train = TrainConfig(

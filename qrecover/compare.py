@@ -298,7 +298,7 @@ def run_stage(spec: dict) -> None:
 
 def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: Path) -> dict:
     """Quantize or recover into `checkpoint`; returns its times, peak memory and real bits per weight."""
-    from . import jobs
+    from . import api
     from .config import QuantConfig
     from .footprint import stored_bits
     from .recovery.config import RecoverConfig, TrainConfig
@@ -310,7 +310,7 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
             salient=cmp.salient if method == "salient" else 0, mse_clip=cmp.mse_clip,
             **({} if cmp.damp is None else {"damp": cmp.damp}),
         )
-        report = jobs.quantize(cmp.model, checkpoint, config, calib=cmp.calib, nsamples=preset.nsamples,
+        report = api.quantize(cmp.model, checkpoint, config, calib=cmp.calib, nsamples=preset.nsamples,
                                seqlen=preset.seqlen, device=cmp.device, overwrite=True, progress=False)
         result["quantize_seconds"] = report["seconds"]
     elif method in ("gift", "lora"):
@@ -323,7 +323,7 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
             train=TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
                               lr=preset.lr if method == "gift" else preset.lr_lora, save_every=0),
         )
-        out = jobs.recover(str(stage_dir(cmp, "salient", bits) / "model"), checkpoint, config, cmp.device, overwrite=True, progress=False)
+        out = api.recover(str(stage_dir(cmp, "salient", bits) / "model"), checkpoint, config, cmp.device, overwrite=True, progress=False)
         result["recover_seconds"] = out["recovery"]["seconds"]
         result["trainable_params"] = out["recovery"]["trainable_params"]
     else:
@@ -350,7 +350,7 @@ def _load_stage(cmp: Comparison, method: str, checkpoint: Path):
         from .peers import load_peer
 
         return load_peer(method, checkpoint)
-    from .io import load
+    from .api import load
 
     return load(checkpoint, device=cmp.device or "cpu")
 

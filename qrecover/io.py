@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .config import QuantConfig
 from .errors import QRecoverError
-from .models import decoder_layers, layer_linears, load_pretrained, read_config, set_submodule
+from .models import decoder_layers, layer_linears, read_config, set_submodule
 from .nn import QuantLinear
 from .outputs import atomic_dir
 from .utils import atomic_write_json
@@ -273,16 +273,3 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
     model.config.quantization_config = qc
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer, config
-
-
-def load(spec, device="cpu", dtype=None):
-    """(model, tokenizer) of a qrecover checkpoint, a LoRA adapter on one, or an ordinary model spec."""
-    if (Path(spec) / "adapter_config.json").is_file():
-        from .recovery.model import load_lora
-
-        model, tokenizer = load_lora(spec)
-        return model.to(device), tokenizer
-    if is_checkpoint(spec):
-        model, tokenizer, _ = load_checkpoint(spec, device, None if dtype == "auto" else dtype)
-        return model, tokenizer
-    return load_pretrained(spec, dtype=dtype or "auto", device=device)

@@ -145,7 +145,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
     """Run the chain up to and including stage `until`; returns the summary also written to
     <out>/summary.json. Under `accelerate launch` (several processes) only the recover stage runs,
     in every process: quantize first in one process (until="quantize"), evaluate afterwards."""
-    from . import jobs
+    from . import api
     from .recovery.trainer import process_state
 
     if until not in STAGES:
@@ -161,7 +161,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
         )
     if not stages.done("quantize"):
         c = recipe.calibration
-        report = jobs.quantize(
+        report = api.quantize(
             recipe.model, quantized, recipe.quantize, calib=c.source, nsamples=c.nsamples, seqlen=c.seqlen,
             seed=c.seed, device=recipe.device, batch_size=c.batch_size, overwrite=True, progress=progress,
         )
@@ -172,7 +172,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
     if recipe.recover is not None:
         final = stages.root / "recovered"
         if not stages.done("recover"):
-            result = jobs.recover(str(quantized), final, recipe.recover, recipe.device, overwrite=True, progress=progress)
+            result = api.recover(str(quantized), final, recipe.recover, recipe.device, overwrite=True, progress=progress)
             if not process.is_main_process:
                 return {}
             stages.finish("recover", {"path": str(final), "seconds": result["recovery"]["seconds"], "final_loss": result["final_loss"]})
@@ -197,14 +197,14 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
 
 def _evaluate(path: Path, recipe: Recipe, progress: bool) -> dict:
     from .data import source_label
-    from .jobs import evaluate
+    from .api import evaluate
 
     ev = recipe.evaluate
     results = {}
     for dataset in ev.perplexity:
         results[source_label(dataset)] = evaluate(str(path), dataset, ev.seqlen, ev.max_windows, recipe.device or "cpu", progress=progress)["perplexity"]
     if ev.tasks:
-        from .eval.zeroshot import zeroshot
+        from .api import zeroshot
 
         results["zeroshot"] = zeroshot(str(path), ev.tasks, limit=ev.limit, device=recipe.device or "cpu")
     return results

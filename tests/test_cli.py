@@ -41,12 +41,12 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
 
 
 def test_round_to_nearest_reads_no_calibration_text(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import qrecover.jobs
+    import qrecover.api
 
     def refuse(*args, **kwargs):
         raise AssertionError("calibration text was loaded for round to nearest without salient columns")
 
-    monkeypatch.setattr(qrecover.jobs, "calibration_samples", refuse)
+    monkeypatch.setattr(qrecover.api, "calibration_samples", refuse)
     out = tmp_path / "rtn"
     assert main(["quantize", str(tiny_model_dir), "--out", str(out), "--method", "rtn", "--bits", "4", "--group-size", "32", "--quiet"]) == 0
     report = json.loads((out / "quantization_report.json").read_text())

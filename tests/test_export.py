@@ -17,7 +17,8 @@ from qrecover.data import calibration_samples, eval_tokens
 from qrecover.errors import QRecoverError
 from qrecover.eval.perplexity import perplexity
 from qrecover.export import VLLM_LORA_RANKS, export, served_rank
-from qrecover.io import load, load_checkpoint, save_checkpoint
+from qrecover.api import load
+from qrecover.io import load_checkpoint, save_checkpoint
 from qrecover.models import load_pretrained
 from qrecover.pipeline import quantize_model
 
@@ -172,7 +173,7 @@ def test_plain_gptq_export_rounds_the_columns_and_says_what_it_costs(checkpoint,
 
 
 def test_a_lora_recovery_exports_its_adapter_and_the_columns(smollm2, smollm2_dir, tmp_path_factory, tmp_path):
-    from qrecover.jobs import recover
+    from qrecover.api import recover
     from qrecover.recovery.config import RecoverConfig, TrainConfig
 
     _, tokenizer, tokens = smollm2

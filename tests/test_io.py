@@ -5,7 +5,8 @@ import torch
 
 from qrecover.config import QuantConfig
 from qrecover.errors import QRecoverError
-from qrecover.io import load, load_checkpoint, save_checkpoint
+from qrecover.api import load
+from qrecover.io import load_checkpoint, save_checkpoint
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
 

@@ -6,7 +6,7 @@ import torch
 from qrecover.config import QuantConfig
 from qrecover.errors import QRecoverError
 from qrecover.io import load_checkpoint, save_checkpoint
-from qrecover.jobs import recover
+from qrecover.api import recover
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
 from qrecover.quant.gptq import gptq_quantize

@@ -10,7 +10,7 @@ from qrecover.config import QuantConfig
 from qrecover.data import calibration_samples, eval_tokens
 from qrecover.eval.perplexity import perplexity
 from qrecover.io import load_checkpoint, save_checkpoint
-from qrecover.jobs import recover
+from qrecover.api import recover
 from qrecover.models import load_pretrained
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model

@@ -53,7 +53,7 @@ def run_one(args) -> dict:
 
     torch.set_num_threads(args.threads)
     import qrecover
-    from qrecover.jobs import recover
+    from qrecover.api import recover
     from qrecover.models import reference_model_dir
     from qrecover.recovery.config import RecoverConfig, TrainConfig
 

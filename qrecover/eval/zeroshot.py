@@ -157,16 +157,15 @@ def parse_tasks(tasks) -> dict:
 
 
 def zeroshot(
-    model, tasks=None, *, tokenizer=None, limit: int | None = None, batch_size: int = 32, device: str = "cpu", dtype=None,
-    cache_weights: bool = False, per_example: bool = False,
+    model, tasks=None, *, tokenizer=None, limit: int | None = None, batch_size: int = 32, per_example: bool = False,
+    name: str | None = None,
 ) -> dict:
     """Zero-shot accuracy of a model on lm-eval tasks, with the paper's metric per task and their mean.
 
-    model: a checkpoint or model spec (see qrecover.load), or an in-memory model with `tokenizer`.
+    model: an in-memory model with its `tokenizer` (qrecover.zeroshot also takes a checkpoint or model spec).
     tasks: "NAME" runs lm-eval's task on its standard dataset (Hugging Face hub), "NAME=PATH" on a
     local .jsonl in the task's original format, offline (see parse_tasks; default: all six, hub).
     limit: only the first N examples of each task.
-    cache_weights: a model loaded here keeps its quantized linears dequantized (memory for speed).
     per_example: each task also lists, in file order, whether each example scored (1) or not (0) by
     its metric: what a paired comparison of two models on the same questions needs (paired_difference).
     """
@@ -185,19 +184,9 @@ def zeroshot(
     except ImportError as e:
         raise QRecoverError(f"zero-shot evaluation needs lm-eval ({e}): pip install 'qrecover[zeroshot]'") from e
 
-    if isinstance(model, (str, Path)):
-        from ..io import load
-
-        name = str(model)
-        model, tokenizer = load(model, device=device, dtype=dtype)
-        if cache_weights:
-            from ..nn import hold_dense_weights
-
-            hold_dense_weights(model, True)
-    elif tokenizer is None:
+    if tokenizer is None:
         raise QRecoverError("an in-memory model needs its tokenizer: zeroshot(model, ..., tokenizer=tokenizer)")
-    else:
-        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
     start = time.perf_counter()
     tasks_root = Path(lm_eval.tasks.__file__).parent
     task_manager = TaskManager(include_defaults=False, include_path=[str(tasks_root / d) for d in TASK_FOLDERS])

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from ..format import dequantize_weight
-
 
 def mixed_linear(x, weight_t, salient_idx, salient_weight, bias) -> torch.Tensor:
     """x [..., in] @ weight_t [in, out] plus the 16-bit column correction and the bias."""

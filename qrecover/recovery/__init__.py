@@ -9,5 +9,5 @@ Laid out like a peft tuner, reading top to bottom:
     noise.py      GIFT-SW's quantization noise and the frozen matmul that carries it
     data.py       training examples: packed text, instruction and chat data, mixtures
     trainer.py    the training loop, with exact resume
-The API (qrecover.jobs.recover) runs them in that order and saves the result.
+The API (qrecover.api.recover) runs them in that order and saves the result.
 """

@@ -1,4 +1,4 @@
-"""The jobs behind the CLI, callable from Python: quantize, recover, evaluate."""
+"""qrecover's public API, which the CLI and recipes call: load, quantize, recover, evaluate, zeroshot."""
 from __future__ import annotations
 
 import json
@@ -16,14 +16,15 @@ from .data import calibration_samples, eval_tokens, source_label
 from .errors import QRecoverError
 from .eval.fidelity import fidelity as fidelity_of
 from .eval.perplexity import perplexity
-from .io import REPORT, checkpoint_source, is_checkpoint, load, load_checkpoint, save_checkpoint
+from .eval.zeroshot import zeroshot as zeroshot_of
+from .io import REPORT, checkpoint_source, is_checkpoint, load_checkpoint, save_checkpoint
 from .models import load_pretrained
 from .nn import hold_dense_weights
 from .pipeline import quantize_model
 from .recovery.config import NOISE_PILOT_SCALES, RecoverConfig
 from .recovery.data import BatchOrder, load_examples, mix, parse_sources
 from .recovery.model import (
-    add_lora, add_salient_columns, finish, is_quantized, lora_rank_for, merge_salient, recovery_summary,
+    add_lora, add_salient_columns, finish, is_quantized, load_lora, lora_rank_for, merge_salient, recovery_summary,
     restore, salient_params, start, trainable_state,
 )
 from .recovery.noise import NoiseClock
@@ -34,6 +35,30 @@ from .outputs import atomic_dir, check_output, write_report
 from .utils import atomic_write_json, peak_memory_mb
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load(spec, device="cpu", dtype=None):
+    """(model, tokenizer) of a qrecover checkpoint, a LoRA adapter on one, or an ordinary model spec."""
+    if (Path(spec) / "adapter_config.json").is_file():
+        model, tokenizer = load_lora(spec)
+        return model.to(device), tokenizer
+    if is_checkpoint(spec):
+        model, tokenizer, _ = load_checkpoint(spec, device, None if dtype == "auto" else dtype)
+        return model, tokenizer
+    return load_pretrained(spec, dtype=dtype or "auto", device=device)
+
+
+def zeroshot(model, tasks=None, *, tokenizer=None, device: str = "cpu", dtype=None, cache_weights: bool = False, **options) -> dict:
+    """Zero-shot accuracy (eval.zeroshot.zeroshot) of an in-memory model with its tokenizer, or of a
+    checkpoint or model spec loaded here; cache_weights keeps a loaded model's quantized linears
+    dequantized (memory for speed)."""
+    if isinstance(model, (str, Path)):
+        name = str(model)
+        model, tokenizer = load(model, device=device, dtype=dtype)
+        if cache_weights:
+            hold_dense_weights(model, True)
+        options["name"] = name
+    return zeroshot_of(model, tasks, tokenizer=tokenizer, **options)
 
 
 def parse_dtype(name: str):
