@@ -166,9 +166,9 @@ def quantize_linears(modules: dict, prefix: str, stats: InputStats | None, confi
     for (bits, group_size, salient), members in problems.items():
         start = time.perf_counter()
         result = gptq_quantize(
-            torch.cat([W for _, W, _ in members]), H if config.method == "gptq" else None, bits, group_size,
-            config.sym, config.mse_clip, torch.tensor(salient, dtype=torch.long), config.desc_act, config.damp,
-            config.group_aware,
+            torch.cat([W for _, W, _ in members]), H if config.method == "gptq" else None, bits=bits,
+            group_size=group_size, salient_idx=torch.tensor(salient, dtype=torch.long), sym=config.sym,
+            mse=config.mse_clip, desc_act=config.desc_act, damp=config.damp, group_aware=config.group_aware,
         )
         row = 0
         for short, W, chosen_scores in members:

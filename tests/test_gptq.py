@@ -18,15 +18,14 @@ def correlated_layer(out_f=64, in_f=80, tokens=2048, seed=0):
 @pytest.mark.parametrize("group_size", [32, -1])
 def test_gptq_beats_rtn_on_output_error(bits, group_size):
     W, H = correlated_layer()
-    none = torch.empty(0, dtype=torch.long)
-    gptq = gptq_quantize(W, H, bits, group_size, True, False, none)
-    rtn = gptq_quantize(W, None, bits, group_size, True, False, none)
+    gptq = gptq_quantize(W, H, bits=bits, group_size=group_size, mse=False)
+    rtn = gptq_quantize(W, None, bits=bits, group_size=group_size, mse=False)
     assert output_error(W, gptq.dequantize(), H) < 0.8 * output_error(W, rtn.dequantize(), H)
 
 
 def test_output_error_without_inputs_is_the_weight_error():
     W, _ = correlated_layer()
-    W_hat = gptq_quantize(W, None, 3, 32, True, False, torch.empty(0, dtype=torch.long)).dequantize()
+    W_hat = gptq_quantize(W, None, bits=3, group_size=32, mse=False).dequantize()
     identity = output_error(W, W_hat, torch.eye(W.shape[1]))
     assert output_error(W, W_hat, None) == pytest.approx(identity, rel=1e-5)
     assert 0 < identity < 1
@@ -35,9 +34,9 @@ def test_output_error_without_inputs_is_the_weight_error():
 def test_salient_columns_are_never_rounded():
     W, H = correlated_layer()
     salient = torch.tensor([0, 5, 33, 79])
-    rtn = gptq_quantize(W, None, 2, 32, True, True, salient)
+    rtn = gptq_quantize(W, None, bits=2, group_size=32, salient_idx=salient)
     assert torch.equal(rtn.salient_weight, W[:, salient])
-    gptq = gptq_quantize(W, H, 2, 32, True, True, salient)
+    gptq = gptq_quantize(W, H, bits=2, group_size=32, salient_idx=salient)
     # Codes at salient columns are their group's zero point: the dense part is exactly 0 there.
     zeros = gptq.zeros.t()[:, gptq.g_idx.long()[salient]]
     assert torch.equal(gptq.codes[:, salient].float(), zeros)
@@ -47,23 +46,22 @@ def test_salient_columns_are_never_rounded():
 
 def test_salient_columns_lower_the_error():
     W, H = correlated_layer()
-    none = torch.empty(0, dtype=torch.long)
     top = torch.topk(torch.diag(H), 8).indices.sort().values
-    plain = gptq_quantize(W, H, 3, 32, True, True, none)
-    mixed = gptq_quantize(W, H, 3, 32, True, True, top)
+    plain = gptq_quantize(W, H, bits=3, group_size=32)
+    mixed = gptq_quantize(W, H, bits=3, group_size=32, salient_idx=top)
     assert output_error(W, mixed.dequantize(), H) < output_error(W, plain.dequantize(), H)
 
 
 def test_partial_last_group():
     W, H = correlated_layer(in_f=80)
-    r = gptq_quantize(W, H, 4, 32, True, True, torch.tensor([3, 70]))
+    r = gptq_quantize(W, H, bits=4, group_size=32, salient_idx=torch.tensor([3, 70]))
     assert r.scales.shape == (3, 64)  # groups of 32, 32 and 16 columns
     assert torch.equal(r.g_idx.long(), torch.arange(80) // 32)
 
 
 def test_desc_act_records_groups_in_visiting_order():
     W, H = correlated_layer(in_f=80)
-    r = gptq_quantize(W, H, 4, 32, True, True, torch.tensor([1, 2]), desc_act=True)
+    r = gptq_quantize(W, H, bits=4, group_size=32, salient_idx=torch.tensor([1, 2]), desc_act=True)
     # 78 quantized columns make groups of 32, 32 and 14; the 2 salient ones join the last group.
     assert r.scales.shape[0] == 3 and torch.bincount(r.g_idx.long()).tolist() == [32, 32, 16]
     # The columns visited first (largest H_jj) form group 0.
@@ -74,9 +72,8 @@ def test_desc_act_records_groups_in_visiting_order():
 
 def test_group_aware_order_keeps_trivial_g_idx_and_helps():
     W, H = correlated_layer(in_f=128, seed=3)
-    none = torch.empty(0, dtype=torch.long)
-    natural = gptq_quantize(W, H, 3, 32, True, False, none, group_aware=False)
-    gar = gptq_quantize(W, H, 3, 32, True, False, none, group_aware=True)
+    natural = gptq_quantize(W, H, bits=3, group_size=32, mse=False, group_aware=False)
+    gar = gptq_quantize(W, H, bits=3, group_size=32, mse=False, group_aware=True)
     assert torch.equal(gar.g_idx.long(), torch.arange(128) // 32)
     assert output_error(W, gar.dequantize(), H) < output_error(W, natural.dequantize(), H)
 
@@ -85,7 +82,7 @@ def test_dead_inputs_are_zeroed():
     W, H = correlated_layer()
     H[7, :] = 0
     H[:, 7] = 0
-    r = gptq_quantize(W, H, 4, 32, True, True, torch.empty(0, dtype=torch.long))
+    r = gptq_quantize(W, H, bits=4, group_size=32)
     assert torch.all(r.dequantize()[:, 7] == 0)
 
 

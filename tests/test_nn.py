@@ -10,7 +10,7 @@ def quantized_layer(bits, group_size=32, salient=(2, 40, 79), bias=True, out_f=4
     torch.manual_seed(bits)
     W = torch.randn(out_f, in_f)
     X = torch.randn(512, in_f)
-    result = gptq_quantize(W, X.t() @ X / 512, bits, group_size, True, True, torch.tensor(salient, dtype=torch.long))
+    result = gptq_quantize(W, X.t() @ X / 512, bits=bits, group_size=group_size, salient_idx=torch.tensor(salient, dtype=torch.long))
     b = torch.randn(out_f) if bias else None
     return result, QuantLinear.from_result(result, b), b
 

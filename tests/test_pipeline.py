@@ -153,7 +153,7 @@ def test_modules_sharing_inputs_are_solved_together_exactly():
     config = QuantConfig(bits=3, group_size=32)
     solved = quantize_linears(group, "model.layers.0", stats, config, torch.Generator(), torch.float16)
     for short, module in group.items():
-        alone = gptq_quantize(module.weight.detach(), stats.hessian, 3, 32, True, config.mse_clip, torch.empty(0, dtype=torch.long))
+        alone = gptq_quantize(module.weight.detach(), stats.hessian, bits=3, group_size=32, mse=config.mse_clip)
         qlinear, report = solved[short]
         assert torch.equal(qlinear.dequantize(), QuantLinear.from_result(alone, None).dequantize())
         assert len(report["solved_with"]) == 2

@@ -30,7 +30,7 @@ CHATML = (
 def big_layer(bits=4, group_size=128, salient=(5, 700)):
     torch.manual_seed(0)
     W = torch.randn(512, 1024) * 0.05
-    result = gptq_quantize(W, None, bits, group_size, True, False, torch.tensor(salient))
+    result = gptq_quantize(W, None, bits=bits, group_size=group_size, salient_idx=torch.tensor(salient), mse=False)
     return QuantLinear.from_result(result, None)
 
 

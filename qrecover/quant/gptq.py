@@ -83,21 +83,26 @@ def _walk(bits, group_size, desc_act, order, n_cols):
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor | None,
+    *,
     bits: int,
     group_size: int,
-    sym: bool,
-    mse: bool,
-    salient_idx: torch.Tensor,
+    salient_idx: torch.Tensor | None = None,
+    sym: bool = True,
+    mse: bool = True,
     desc_act: bool = False,
     damp: float = 0.01,
     group_aware: bool = True,
 ) -> QuantResult:
-    """Quantize W [out, in] given the input Hessian H = X^T X / N [in, in] (None: round-to-nearest)."""
+    """Quantize W [out, in] given the input Hessian H = X^T X / N [in, in] (None: round-to-nearest).
+
+    The grid's settings are keywords: bits, group_size (-1: one group per row), the salient columns
+    kept in 16-bit (none by default), symmetric or not, MSE-searched clip, act-order, dampening and
+    group-aware column order (see the module docstring)."""
     out_f, n = W.shape
     dev = W.device
     maxq = 2**bits - 1
     W = W.detach().float().clone()
-    salient_idx = salient_idx.to(dev).long()
+    salient_idx = torch.empty(0, dtype=torch.long, device=dev) if salient_idx is None else salient_idx.to(dev).long()
     is_salient = torch.zeros(n, dtype=torch.bool, device=dev)
     is_salient[salient_idx] = True
     quantized = torch.nonzero(~is_salient).flatten()
