@@ -95,3 +95,10 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.fail(f"the shared data folder {SHARED_DATA} is missing (see shared/data/README.md)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(items):
+    # Every test that takes the real SmolLM2-135M (directly or through another fixture) is slow.
+    for item in items:
+        if "smollm2_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)

@@ -10,6 +10,7 @@ from qrecover.errors import QRecoverError
 from qrecover.footprint import bits_per_weight
 
 
+@pytest.mark.slow
 def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_path, shared_data, capsys):
     cmp = Comparison(
         model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4],
@@ -194,6 +195,7 @@ def test_full_preset_time_scales_each_measured_part_by_its_work():
     assert full_preset_seconds(Comparison(model="m", out="o"), rows) == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_grid_and_solver_options_reach_qrecover_and_gptqmodel(tiny_model_dir, tmp_path, shared_data):
     cmp = Comparison(model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4], methods=["gptq", "gptqmodel"],
                      sym=False, mse_clip=False, damp=0.07)

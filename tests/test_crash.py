@@ -10,6 +10,8 @@ import time
 import pytest
 from conftest import tiny_model
 
+pytestmark = pytest.mark.slow  # killed and rerun subprocesses
+
 KILLS = 5
 QUANTIZE = ["--bits", "3", "--group-size", "32", "--salient", "4", "--nsamples", "16", "--seqlen", "128", "--quiet"]
 RECOVER = ["--steps", "12", "--batch-size", "2", "--max-length", "64", "--save-every", "1", "--lr", "1e-3", "--quiet"]

@@ -12,6 +12,8 @@ from qrecover.pipeline import quantize_model
 
 from conftest import tiny_model
 
+pytestmark = pytest.mark.slow  # GPTQModel's loader and kernels
+
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 

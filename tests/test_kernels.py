@@ -237,6 +237,7 @@ COMPILE_FOR_H100 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_triton_kernels_compile_for_an_h100():
     """The interpreter runs kernels as Python; this compiles them as a GPU would (ptxas included)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from qrecover.io import load_checkpoint
+
+pytestmark = pytest.mark.slow  # two accelerate processes, killed and resumed
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
