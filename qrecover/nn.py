@@ -36,7 +36,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("salient_idx", torch.zeros(n_salient, dtype=torch.int32))
         self.salient_weight = nn.Parameter(torch.zeros(out_features, n_salient, dtype=salient_dtype), requires_grad=False)
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
-        self._held_dense = None  # see hold_dense
 
     @classmethod
     def from_tensors(cls, tensors: dict, bits: int) -> "QuantLinear":
@@ -86,12 +85,11 @@ class QuantLinear(nn.Module):
 
     def hold_dense(self, hold: bool, dtype=torch.float32) -> None:
         """Keep the dense part dequantized to dtype between calls (a full copy: memory for speed)."""
-        self._held_dense = self.dequantize_dense(dtype) if hold else None
+        kernels.hold_dense(self, dtype if hold else None)
 
     def frozen_t(self, dtype=torch.float32) -> torch.Tensor:
         """The frozen dense part [in, out]: the held copy when there is one, else unpacked now."""
-        held = self._held_dense
-        return held.to(dtype) if held is not None else self.dequantize_dense(dtype)
+        return kernels.dense_weight(self, dtype)
 
     def own_step(self) -> torch.Tensor:
         """Delta [in, out]: the quantization step of every weight."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from qrecover.config import QuantConfig
+from qrecover import kernels
 from qrecover.errors import QRecoverError
 from qrecover.io import load_checkpoint, save_checkpoint
 from qrecover.api import recover
@@ -142,7 +143,7 @@ def test_cached_weights_train_exactly_like_unpacked_ones(quantized_tiny, tiny_to
     for cache in (False, True):
         model, examples, clock, _ = tiny_setup(quantized_tiny, tiny_tokenizer, config)
         hold_dense_weights(model, cache)
-        assert all((m._held_dense is not None) == cache for m in model.modules() if isinstance(m, QuantLinear))
+        assert all(kernels.holds_dense(m) == cache for m in model.modules() if isinstance(m, QuantLinear))
         train(model, examples, 0, config.train, CE, {}, clock=clock, progress=False)
         runs.append({k: v for k, v in model.state_dict().items() if k.endswith("salient_weight")})
     for key, value in runs[0].items():

@@ -6,7 +6,8 @@
 "auto" (the default) takes triton for float16/bfloat16 inputs on CUDA when triton imports, and torch
 otherwise, including whenever salient_weight needs a gradient (triton is inference-only).
 `use_backend(name)` forces one within a block; the environment variable QRECOVER_BACKEND sets the
-default for a whole process.
+default for a whole process. The kernels own every weight kept between calls: `hold_dense(layer)`
+keeps the dequantized dense part (memory for speed), `dense_weight(layer, dtype)` gives it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import torch
 
 from ..errors import QRecoverError
-from . import torch_mm, torch_ref
+from . import cache, torch_mm, torch_ref
 
 BACKENDS = ("auto", "torch", "triton")
 TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -34,6 +35,22 @@ def use_backend(name: str):
         yield
     finally:
         _forced.pop()
+
+
+def hold_dense(layer, dtype: torch.dtype | None = torch.float32) -> None:
+    """Keep the layer's dense part dequantized to dtype between calls (a full copy), or with None
+    drop it. While held, the torch backend multiplies by it and "auto" never picks triton."""
+    cache.hold(layer, None if dtype is None else layer.dequantize_dense(dtype))
+
+
+def holds_dense(layer) -> bool:
+    return cache.held(layer) is not None
+
+
+def dense_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The dense part [in, out] in dtype: the held copy when there is one, else unpacked now."""
+    held = cache.held(layer)
+    return held.to(dtype) if held is not None else layer.dequantize_dense(dtype)
 
 
 def _check_name(name: str, where: str) -> None:
@@ -88,7 +105,7 @@ def choose(layer, x: torch.Tensor) -> str:
     needs_grad = torch.is_grad_enabled() and layer.salient_weight.requires_grad
     if name == "auto":
         fast = x.device.type == "cuda" and x.dtype in TRITON_DTYPES and not needs_grad
-        return "triton" if fast and triton_problem(x.device) is None and layer._held_dense is None else "torch"
+        return "triton" if fast and triton_problem(x.device) is None and not holds_dense(layer) else "torch"
     if name == "triton":
         problem = triton_problem(x.device)
         if problem:
@@ -109,6 +126,6 @@ def mixed_linear(layer, x: torch.Tensor) -> torch.Tensor:
         from . import triton_mm  # imported on first use: triton is optional
 
         return triton_mm.forward(layer, x)
-    if layer._held_dense is not None:
-        return torch_ref.forward(layer, x)
+    if holds_dense(layer):
+        return torch_ref.mixed_linear(x, dense_weight(layer, x.dtype), layer.salient_idx, layer.salient_weight, layer.bias)
     return torch_mm.forward(layer, x)

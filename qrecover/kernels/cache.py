@@ -1,4 +1,5 @@
-"""Values a backend derives from a layer's buffers, kept until one of those buffers changes.
+"""Weights the backends keep for a layer: values derived from its buffers, kept until one of those
+buffers changes, and the dense weight a caller asked to hold (kept until it is released).
 
 Kept beside the layer (a weak dictionary keyed by it), not on it: nothing is added to the module, its
 state dict or its copies. An entry is stale once a source buffer is replaced (load_state_dict into a
@@ -12,6 +13,7 @@ from typing import Callable
 import torch
 
 _entries: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_held: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _version(t: torch.Tensor) -> int:
@@ -30,3 +32,15 @@ def derived(layer, name: str, sources: list[torch.Tensor], compute: Callable):
     value = compute()
     entries[name] = ([(weakref.ref(t), _version(t)) for t in sources], value)
     return value
+
+
+def hold(layer, weight: torch.Tensor | None) -> None:
+    """Keep weight for this layer until hold(layer, None)."""
+    if weight is None:
+        _held.pop(layer, None)
+    else:
+        _held[layer] = weight
+
+
+def held(layer) -> torch.Tensor | None:
+    return _held.get(layer)

@@ -23,7 +23,5 @@ def add_columns(y, x, salient_idx, salient_weight, bias) -> torch.Tensor:
 
 
 def forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output; uses the layer's held dense weight when it keeps one."""
-    dense = layer._held_dense
-    dense = dense.to(x.dtype) if dense is not None else layer.dequantize_dense(x.dtype)
-    return mixed_linear(x, dense, layer.salient_idx, layer.salient_weight, layer.bias)
+    """The layer's output, its weight unpacked on this call: the reference the other paths match."""
+    return mixed_linear(x, layer.dequantize_dense(x.dtype), layer.salient_idx, layer.salient_weight, layer.bias)

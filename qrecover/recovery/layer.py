@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..kernels import torch_ref
 from ..nn import QuantLinear
 from .noise import NoiseClock, NoiseConfig, frozen_matmul, row_step
@@ -91,7 +92,7 @@ class RecoveryLayer(nn.Module):
         base = self.base
         noise = self.noise if self.training else None
         # A layer that holds its dense weight has traded memory for speed already: keep W + E too.
-        keep = getattr(base, "_held_dense", None) is not None
+        keep = isinstance(base, QuantLinear) and kernels.holds_dense(base)
         y = frozen_matmul(x, base.frozen_t, self.noise_step, base.salient_idx, noise, self.clock.seed_for(self.layer_id), keep)
         return torch_ref.add_columns(y, x, base.salient_idx, self.salient_weight, base.bias)
 
