@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .config import QuantConfig
 from .errors import QRecoverError
-from .models import decoder_layers, layer_linears, read_config, set_submodule
+from .models import quantizable_linears, read_config
 from .nn import QuantLinear
 from .outputs import atomic_dir
 from .utils import atomic_write_json
@@ -219,21 +219,19 @@ def install_quant_linears(model, tensors: dict, config: QuantConfig, path) -> li
     shapes and dtypes, checked the same way, for a loader that fills them in afterwards.
     """
     quantized = []
-    for i, layer in enumerate(decoder_layers(model)):
-        for short, linear in layer_linears(layer).items():
-            name = f"model.layers.{i}.{short}"
-            quantized.append(name + ".")
-            own = {k[len(name) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
-            try:
-                q = QuantLinear.from_tensors(own, config.resolve(name, linear.in_features).bits)
-            except QRecoverError as e:
-                raise QRecoverError(f"{path}: {name}: {e}; the checkpoint is truncated or not a qrecover one") from e
-            if (q.in_features, q.out_features) != (linear.in_features, linear.out_features):
-                raise QRecoverError(
-                    f"{path}: {name} holds a {q.in_features}->{q.out_features} layer, the config says "
-                    f"{linear.in_features}->{linear.out_features}"
-                )
-            set_submodule(layer, short, q)
+    for name, linear in quantizable_linears(model).items():
+        quantized.append(name + ".")
+        own = {k[len(name) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
+        try:
+            q = QuantLinear.from_tensors(own, config.resolve(name, linear.in_features).bits)
+        except QRecoverError as e:
+            raise QRecoverError(f"{path}: {name}: {e}; the checkpoint is truncated or not a qrecover one") from e
+        if (q.in_features, q.out_features) != (linear.in_features, linear.out_features):
+            raise QRecoverError(
+                f"{path}: {name} holds a {q.in_features}->{q.out_features} layer, the config says "
+                f"{linear.in_features}->{linear.out_features}"
+            )
+        model.set_submodule(name, q)
     return quantized
 
 

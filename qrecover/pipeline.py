@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig
 from .errors import QRecoverError
-from .models import REPLAYABLE_BLOCKS, SUBGROUPS, decoder_layers, layer_linears, set_submodule
+from .models import Architecture, architecture
 from .nn import QuantLinear, hold_dense_weights
 from .observer import InputStats
 from .outputs import disk_errors
@@ -40,38 +40,47 @@ class _InputSeen(Exception):
 
 
 def capture_inputs(model, samples: torch.Tensor, device, batch_size: int):
-    """Hidden states entering decoder layer 0, one tensor per batch, and the layer's other arguments.
+    """Hidden states entering the first decoder layer, one tensor per batch, and each layer's other
+    arguments (rotary tables, masks: sliding-window layers get their own).
 
-    The other arguments (rotary tables, masks) come from a one-sample pass, so they broadcast over
-    batches of any size.
+    The other arguments come from a one-sample pass in which every layer passes its input through,
+    so they broadcast over batches of any size and no layer needs to be on the device.
     """
-    layers = decoder_layers(model)
-    seen = []
+    arch = architecture(model)
+    base_name, _, layers_name = arch.layers.rpartition(".")
+    base, layers = model.get_submodule(base_name), model.get_submodule(arch.layers)
+    hidden_seen, kwargs_seen = [], []
 
-    def hook(module, args, kwargs):
+    def stand_in(*args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        seen.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        if len(kwargs_seen) < len(layers):
+            kwargs_seen.append(kwargs)
+            if len(kwargs_seen) < len(layers):
+                return hidden
+        else:
+            hidden_seen.append(hidden.detach())
         raise _InputSeen
 
-    # Only what runs before layer 0 (embeddings, rotary tables) has to be on the device.
-    before = [m for n, m in model.model.named_children() if n not in ("layers", "norm")]
-    homes = [next(m.parameters(), torch.empty(0)).device for m in before]
-    for m in before:
+    # Only what runs outside the layers (embeddings, rotary tables) has to be on the device.
+    outside = [m for n, m in base.named_children() if n != layers_name]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in outside]
+    for m in outside:
         m.to(device)
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for layer in layers:
+        layer.forward = stand_in
     try:
         with torch.no_grad():
             for batch in [samples[:1], *samples.split(batch_size)]:
                 try:
-                    model.model(input_ids=batch.to(device), use_cache=False)
+                    base(input_ids=batch.to(device), use_cache=False)
                 except _InputSeen:
                     pass
     finally:
-        handle.remove()
-        for m, home in zip(before, homes):
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+        for m, home in zip(outside, homes):
             m.to(home)
-    return [hidden for hidden, _ in seen[1:]], seen[0][1]
-
+    return hidden_seen, kwargs_seen
 
 def _layer_forward(layer, x, kwargs):
     out = layer(x, **kwargs)
@@ -190,17 +199,17 @@ def quantize_linears(modules: dict, prefix: str, stats: InputStats | None, confi
     return done
 
 
-def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, generator, salient_dtype):
+def quantize_layer(layer, arch: Architecture, prefix: str, batches, kwargs, config: QuantConfig, generator, salient_dtype):
     """Quantize every linear of one decoder layer in place; returns (module reports, layer outputs).
 
     batches None (a config that needs no calibration): the weights alone are rounded, outputs None.
     """
-    linears = layer_linears(layer)
+    linears = {name: layer.get_submodule(name) for name in arch.linear_names}
     passes = LayerPasses(layer, batches, kwargs) if batches is not None else None
-    ends_block = {last: (block, returns_tuple) for block, last, returns_tuple in REPLAYABLE_BLOCKS}
+    ends_block = {last: (block, returns_tuple) for block, last, returns_tuple in arch.replayable}
     reports = []
     try:
-        for group in SUBGROUPS:
+        for group in arch.subgroups:
             keep = passes is not None and len(group) == 1 and group[0] in ends_block
             stats, inputs = (None, []) if passes is None else passes.observe(
                 linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
@@ -209,7 +218,7 @@ def quantize_layer(layer, prefix: str, batches, kwargs, config: QuantConfig, gen
                 qlinear, report = solved[short]
                 if passes is not None:
                     qlinear.hold_dense(True, batches[0].dtype)  # dequantized once for every later pass
-                set_submodule(layer, short, qlinear)
+                layer.set_submodule(short, qlinear)
                 reports.append(report)
             if keep:
                 block, returns_tuple = ends_block[group[0]]
@@ -249,16 +258,17 @@ class _Resume:
     def done(self) -> int:
         return self.state["done"]
 
-    def restore(self, layers, config: QuantConfig, device, inputs: bool):
+    def restore(self, layers, arch: Architecture, config: QuantConfig, device, inputs: bool):
         """Put the finished layers back as QuantLinears; returns the saved inputs of the next layer
         (None for a run without calibration, `inputs` False)."""
         for i in range(self.done):
             tensors = load_file(self.dir / f"layer{i:04d}.safetensors")
-            for short, linear in layer_linears(layers[i]).items():
+            for short in arch.linear_names:
+                linear = layers[i].get_submodule(short)
                 prefix = short + "."
                 own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-                bits = config.resolve(f"model.layers.{i}.{short}", linear.in_features).bits
-                set_submodule(layers[i], short, QuantLinear.from_tensors(own, bits))
+                bits = config.resolve(f"{arch.layers}.{i}.{short}", linear.in_features).bits
+                layers[i].set_submodule(short, QuantLinear.from_tensors(own, bits))
         if not inputs:
             return None
         saved = load_file(self.dir / "inputs.safetensors", device=str(device))
@@ -308,7 +318,8 @@ def quantize_model(
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     home = torch.device("cpu") if device.type == "cuda" else device
-    layers = decoder_layers(model)
+    arch = architecture(model)
+    layers = model.get_submodule(arch.layers)
     generator = torch.Generator().manual_seed(config.seed)
     resume = _Resume(work_dir, _config_digest(config, samples))
     start = time.perf_counter()
@@ -316,7 +327,7 @@ def quantize_model(
     if resumed:
         print(f"qrecover: resuming the interrupted quantization in {resume.dir}: {resume.done} of {len(layers)} "
               f"layers were done ({resume.seconds_before:.1f} s of work)", file=sys.stderr)
-    batches = resume.restore(layers, config, device, samples is not None) if resume.done else None
+    batches = resume.restore(layers, arch, config, device, samples is not None) if resume.done else None
     kwargs = None
     if samples is not None and resume.done:
         _, kwargs = capture_inputs(model, samples[:1], device, 1)
@@ -326,7 +337,7 @@ def quantize_model(
     for i in range(resume.done, len(layers)):
         layer_start = time.perf_counter()
         layer = layers[i].to(device)
-        reports, batches = quantize_layer(layer, f"model.layers.{i}", batches, kwargs, config, generator, salient_dtype)
+        reports, batches = quantize_layer(layer, arch, f"{arch.layers}.{i}", batches, kwargs and kwargs[i], config, generator, salient_dtype)
         if batches is not None and not all(torch.isfinite(b.sum()) for b in batches):
             raise QRecoverError(f"the outputs of quantized layer {i} contain NaN or Inf; try --dtype float32")
         layers[i] = layer.to(home)

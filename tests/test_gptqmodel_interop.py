@@ -7,7 +7,7 @@ import torch
 
 from qrecover.config import QuantConfig
 from qrecover.io import save_checkpoint
-from qrecover.models import decoder_layers, layer_linears
+from qrecover.models import quantizable_linears
 from qrecover.pipeline import quantize_model
 
 from conftest import tiny_model
@@ -31,11 +31,9 @@ def test_gptqmodel_reads_plain_gptq_checkpoints(bits, group_size, desc_act, tiny
     out = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", cfg)
 
     peer = GPTQModel.load(str(out), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
-    for ours_layer, peer_layer in zip(decoder_layers(model), decoder_layers(peer)):
-        peer_linears = dict(peer_layer.named_modules())
-        for name, ours in layer_linears(ours_layer).items():
-            theirs = peer_linears[name].dequantize_weight()
-            assert torch.equal(theirs, ours.dequantize_dense(torch.float32).half()), name
+    for name, ours in quantizable_linears(model).items():
+        theirs = peer.get_submodule(name).dequantize_weight()
+        assert torch.equal(theirs, ours.dequantize_dense(torch.float32).half()), name
 
     ids = torch.randint(0, len(tiny_tokenizer), (2, 24))
     with torch.no_grad():

@@ -3,7 +3,7 @@ import torch
 
 from qrecover.config import QuantConfig
 from qrecover.errors import QRecoverError
-from qrecover.models import check_supported, decoder_layers, layer_linears
+from qrecover.models import architecture, decoder_layers, quantizable_linears
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import capture_inputs, quantize_layer, quantize_model
 
@@ -17,8 +17,7 @@ def samples(n=6, seqlen=32, vocab=300, seed=0):
 def test_every_decoder_linear_is_quantized_and_reported():
     model = tiny_model()
     report = quantize_model(model, samples(), QuantConfig(bits=4, group_size=32, salient=4), batch_size=4, progress=False)
-    for layer in decoder_layers(model):
-        assert all(isinstance(m, QuantLinear) for m in layer_linears(layer).values())
+    assert all(isinstance(m, QuantLinear) for m in quantizable_linears(model).values())
     modules = [m for layer in report["layers"] for m in layer["modules"]]
     assert len(modules) == 2 * 7
     assert all(m["salient"] == 4 and len(m["salient_idx"]) == 4 and len(m["salient_scores"]) == 4 for m in modules)
@@ -40,10 +39,10 @@ def test_replayed_blocks_match_a_plain_forward():
     batches, kwargs = capture_inputs(model, samples(n=4), "cpu", 2)
     layer = decoder_layers(model)[0]
     cfg = QuantConfig(bits=3, group_size=32, salient=2)
-    _, outputs = quantize_layer(layer, "model.layers.0", batches, kwargs, cfg, torch.Generator(), torch.float16)
+    _, outputs = quantize_layer(layer, architecture(model), "model.layers.0", batches, kwargs[0], cfg, torch.Generator(), torch.float16)
     with torch.no_grad():
         for x, out in zip(batches, outputs):
-            direct = layer(x, **kwargs)
+            direct = layer(x, **kwargs[0])
             direct = direct[0] if isinstance(direct, tuple) else direct
             assert torch.allclose(out, direct, atol=1e-5)
 
@@ -95,10 +94,10 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, c
     quantize_model(whole, ids, cfg, progress=False)
 
     real = pipeline.quantize_layer
-    def crash_on_second_layer(layer, prefix, *args):
+    def crash_on_second_layer(layer, arch, prefix, *args):
         if prefix.endswith(".1"):
             raise KeyboardInterrupt
-        return real(layer, prefix, *args)
+        return real(layer, arch, prefix, *args)
 
     monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
@@ -135,7 +134,7 @@ def test_unsupported_architecture():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(QRecoverError, match="unsupported architecture 'gpt2'"):
-        check_supported(model)
+        architecture(model)
 
 
 def test_modules_sharing_inputs_are_solved_together_exactly():
@@ -145,8 +144,7 @@ def test_modules_sharing_inputs_are_solved_together_exactly():
     from qrecover.quant.gptq import gptq_quantize
 
     layer = decoder_layers(tiny_model())[0]
-    linears = layer_linears(layer)
-    group = {short: linears[short] for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    group = {short: layer.get_submodule(short) for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
     n = group["self_attn.q_proj"].in_features
     stats = InputStats(n, float("inf"), hessian=True, device="cpu")
     stats.add(torch.randn(300, n) * torch.linspace(0.1, 3, n))

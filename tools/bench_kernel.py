@@ -236,12 +236,11 @@ def llama_7b_config(layers: int):
 
 def quantize_randomly(model, bits: int, k: int) -> None:
     """Replace every decoder linear by a random QuantLinear of the same shape (speed only)."""
-    from qrecover.models import decoder_layers, layer_linears, set_submodule
+    from qrecover.models import quantizable_linears
 
     device = model.lm_head.weight.device
-    for layer in decoder_layers(model):
-        for name, linear in layer_linears(layer).items():
-            set_submodule(layer, name, make_layer(linear.in_features, linear.out_features, bits, k, device))
+    for name, linear in quantizable_linears(model).items():
+        model.set_submodule(name, make_layer(linear.in_features, linear.out_features, bits, k, device))
 
 
 def decode_tokens_per_s(model, steps: int, graph: bool, prompt: int = 32) -> tuple[float, str]:

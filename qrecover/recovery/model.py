@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import salient_count
 from ..errors import QRecoverError
-from ..models import LINEAR_NAMES, decoder_layers, layer_linears, set_submodule
+from ..models import architecture, quantizable_linears
 from ..nn import QuantLinear
 from ..observer import InputStats
 from ..saliency import column_scores, resolve_metric, select_salient
@@ -40,8 +40,7 @@ def is_quantized(model) -> bool:
 def add_salient_columns(model, examples, config: RecoverConfig, pad_id: int) -> None:
     """Replace the projections of an ordinary model by SalientLinears, columns picked by the metric."""
     metric = resolve_metric(config.metric)
-    layers = decoder_layers(model)
-    linears = {f"model.layers.{i}.{n}": m for i, layer in enumerate(layers) for n, m in layer_linears(layer).items()}
+    linears = quantizable_linears(model)
     stats = {name: InputStats(m.in_features, metric.rho, hessian=False, device=m.weight.device, name=name) for name, m in linears.items()}
     hooks = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.add(args[0])) for n, m in linears.items()]
     device = next(model.parameters()).device
@@ -59,7 +58,7 @@ def add_salient_columns(model, examples, config: RecoverConfig, pad_id: int) -> 
         stats[name].check_finite()
         k = salient_count(config.salient, linear.in_features, name)
         scores = column_scores(linear.weight.detach().float(), stats[name].act_norm, metric, step_bits, generator)
-        set_submodule(model, name, SalientLinear(linear, select_salient(scores, k), step_bits))
+        model.set_submodule(name, SalientLinear(linear, select_salient(scores, k), step_bits))
 
 
 def start(model, config: RecoverConfig, clock: NoiseClock, noise_scale: float | None = None) -> int:
@@ -81,7 +80,7 @@ def start(model, config: RecoverConfig, clock: NoiseClock, noise_scale: float | 
         noise = NoiseConfig(config.noise, scale, config.noise_bits)
         names = {m: n for n, m in model.named_modules()}
         for i, m in enumerate(modules):
-            set_submodule(model, names[m], RecoveryLayer(m, noise, clock, i))
+            model.set_submodule(names[m], RecoveryLayer(m, noise, clock, i))
         if config.train_norms:
             for name, p in model.named_parameters():
                 if "norm" in name:
@@ -92,16 +91,15 @@ def start(model, config: RecoverConfig, clock: NoiseClock, noise_scale: float | 
 def salient_params(model, config: RecoverConfig) -> int:
     """Parameters in the salient columns: those of a quantized model, or those config picks."""
     total = 0
-    for i, layer in enumerate(decoder_layers(model)):
-        for name, m in layer_linears(layer).items():
-            k = m.n_salient if isinstance(m, (*SALIENT_LAYERS, RecoveryLayer)) else salient_count(config.salient, m.in_features, f"model.layers.{i}.{name}")
-            total += k * m.out_features
+    for name, m in quantizable_linears(model).items():
+        k = m.n_salient if isinstance(m, (*SALIENT_LAYERS, RecoveryLayer)) else salient_count(config.salient, m.in_features, name)
+        total += k * m.out_features
     return total
 
 
 def lora_rank_for(model, n_params: int) -> int:
     """The LoRA rank on all projections with about n_params parameters."""
-    per_rank = sum(m.in_features + m.out_features for layer in decoder_layers(model) for m in layer_linears(layer).values())
+    per_rank = sum(m.in_features + m.out_features for m in quantizable_linears(model).values())
     return max(1, round(n_params / per_rank))
 
 
@@ -116,7 +114,7 @@ def add_lora(model, rank: int):
         def _get_in_out_features(self, base_layer):
             return base_layer.in_features, base_layer.out_features
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[n.split(".")[-1] for n in LINEAR_NAMES])
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[n.split(".")[-1] for n in architecture(model).linear_names])
     config._register_custom_module({QuantLinear: QuantLoraLinear})
     try:
         return get_peft_model(model, config)
@@ -149,14 +147,14 @@ def merge_salient(model) -> None:
     """Turn SalientLinears back into nn.Linear with the trained columns written in."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SalientLinear):
-            set_submodule(model, name, module.merged())
+            model.set_submodule(name, module.merged())
 
 
 def finish(model) -> None:
     """Take every RecoveryLayer out, leaving its base layer with the trained columns."""
     for name, module in list(model.named_modules()):
         if isinstance(module, RecoveryLayer):
-            set_submodule(model, name, module.finish())
+            model.set_submodule(name, module.finish())
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
