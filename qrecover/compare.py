@@ -110,9 +110,6 @@ STAGE_OPTIONS = {
     "mse_clip": (True, set(QRECOVER_QUANTIZED)),
     "damp": (None, set(QRECOVER_QUANTIZED) - {"rtn"} | {"gptqmodel"}),
 }
-# Options added after the first digests: hashed only away from their defaults, so that folders
-# written before them stay reusable ("sym" was first hashed as "asym": True).
-ADDED_LATER = ("sym", "mse_clip", "damp")
 RECOVERY_SETTINGS = ("train_data", "objective", "steps", "batch_size", "max_length", "lr", "lr_lora")
 EVALUATION_SETTINGS = ("eval_datasets", "eval_windows", "tasks", "limit")
 
@@ -121,8 +118,7 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     """What a stage's result depends on, or without `evaluation` what its checkpoint depends on:
     a quantization stage is kept when only recovery settings change."""
     settings = asdict(cmp) | asdict(PRESETS[cmp.preset]) | {"method": method, "bits": bits}
-    if cmp.eval_windows is not None:  # unset, it hashes as it did before the option existed
-        settings["eval_windows"] = cmp.eval_windows
+    settings["eval_windows"] = _eval_windows(cmp)  # what is evaluated, however it was asked for
     ignored = ("out", "methods", "preset", "cache_weights") + (() if method in ("gift", "lora") else RECOVERY_SETTINGS)
     ignored += () if evaluation else EVALUATION_SETTINGS
     for key in ignored:
@@ -130,10 +126,6 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     for key, (default, users) in STAGE_OPTIONS.items():
         if method not in users:
             settings[key] = default
-    for key in ADDED_LATER:
-        value = settings.pop(key)
-        if value != STAGE_OPTIONS[key][0]:
-            settings.update({"asym": True} if key == "sym" else {key: value})
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -157,10 +149,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             result_path = stage_dir(cmp, method, bits) / "result.json"
             digest, checkpoint_digest = _digest(cmp, method, bits), _digest(cmp, method, bits, evaluation=False)
             saved = _saved_result(result_path)
-            if saved.get("digest") == digest and _has_every_measure(saved):
-                if "checkpoint_digest" not in saved:  # written before checkpoints had their own digest
-                    saved["checkpoint_digest"] = checkpoint_digest
-                    atomic_write_json(result_path, saved)
+            if saved.get("digest") == digest:
                 rows.append(saved)
                 continue
             evaluate_only = _has_checkpoint(cmp, method, bits)
@@ -181,7 +170,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
                 raise QRecoverError(f"compare stage {method} at {bits} bits failed:\n{tail}")
             # The stage's whole cost, its process start and imports included; a re-evaluation's
             # replaces the time the earlier evaluation took.
-            seconds = time.perf_counter() - start + (_stage_seconds(saved) - _evaluation_seconds(saved) if evaluate_only else 0)
+            seconds = time.perf_counter() - start + (saved["stage_seconds"] - _evaluation_seconds(saved) if evaluate_only else 0)
             row = json.loads(result_path.read_text()) | {"stage_seconds": round(seconds, 2)}
             atomic_write_json(result_path, row)
             rows.append(row)
@@ -195,22 +184,11 @@ def _saved_result(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _has_every_measure(row: dict) -> bool:
-    """Whether a result has the fidelity to the model and zero-shot scores (if any) listing each
-    example, as the paired column needs; results written before they did are re-evaluated."""
-    return "kl_mean" in row and all("correct" in t for t in row.get("zeroshot", {}).get("tasks", {}).values())
-
-
 def _has_checkpoint(cmp: Comparison, method: str, bits: int) -> bool:
     """Whether the stage's saved checkpoint was built with these settings."""
     where = stage_dir(cmp, method, bits)
     saved = _saved_result(where / "result.json")
     return saved.get("checkpoint_digest") == _digest(cmp, method, bits, evaluation=False) and (where / "model").is_dir()
-
-
-def _stage_seconds(row: dict) -> float:
-    """A stage's whole time; results written before stage_seconds existed only have their own timer."""
-    return row.get("stage_seconds", row["seconds"])
 
 
 def _evaluation_seconds(row: dict) -> float:
@@ -243,14 +221,14 @@ def full_preset_seconds(cmp: Comparison, rows: list[dict]) -> float:
             "perplexity_seconds": (full_windows or windows) / windows,
         }
         measured = {key: row.get(key) or 0.0 for key in parts}
-        total += _stage_seconds(row) - sum(measured.values())
+        total += row["stage_seconds"] - sum(measured.values())
         total += sum(measured[key] * ratio for key, ratio in parts.items())
     return total
 
 
 def run_time(cmp: Comparison, rows: list[dict]) -> dict:
     """Seconds the stages took, and (for a smaller preset) what the full preset would take."""
-    times = {"stages": len(rows), "stage_seconds": round(sum(_stage_seconds(r) for r in rows), 1)}
+    times = {"stages": len(rows), "stage_seconds": round(sum(r["stage_seconds"] for r in rows), 1)}
     if cmp.preset != "full":
         times["full_preset_estimate_seconds"] = round(full_preset_seconds(cmp, rows))
     return times
