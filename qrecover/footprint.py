@@ -6,10 +6,10 @@ works for qrecover, GPTQ and AWQ checkpoints alike without loading a tensor.
 """
 from __future__ import annotations
 
-import json
-import struct
 from collections import defaultdict
 from pathlib import Path
+
+from safetensors import safe_open
 
 from .errors import QRecoverError
 
@@ -17,12 +17,9 @@ _DTYPE_BITS = {"I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "F64": 64, "F3
 
 
 def safetensors_header(path: Path) -> dict:
-    """name -> {dtype, shape} of a .safetensors file, read from its header."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header
+    """name -> {dtype, shape} of a .safetensors file, read from its header (no tensor is loaded)."""
+    with safe_open(path, framework="pt") as f:
+        return {name: {"dtype": (t := f.get_slice(name)).get_dtype(), "shape": t.get_shape()} for name in f.keys()}
 
 
 def _tensor_bits(info: dict) -> int:
