@@ -61,3 +61,17 @@ def test_budget_as_count_fraction_percentage():
 def test_more_salient_columns_than_inputs():
     with pytest.raises(QRecoverError, match="576 input features but 600 salient"):
         QuantConfig(salient=600).resolve("model.layers.0.self_attn.q_proj", 576)
+
+
+def test_gift_and_owq_use_their_own_norms_of_the_same_error():
+    """GIFT-SW scores max_i |D_ij| * ||X_j||, OWQ ||D_j||_2 * ||X_j|| (D: the per-row 3-bit error);
+    on a random layer they rank different columns first."""
+    from qrecover.quant.grid import fit_grid, quantize_dequantize
+
+    torch.manual_seed(1)
+    W, act = torch.randn(48, 64), torch.rand(64) * 0.1 + 1
+    scale, zero = fit_grid(W, 3, sym=True, mse=True)
+    D = (W - quantize_dequantize(W, scale, zero, 7)).abs()
+    gift, owq = column_scores(W, act, METRICS["gift"], bits=3), column_scores(W, act, METRICS["owq"], bits=3)
+    assert torch.allclose(gift, D.amax(dim=0) * act) and torch.allclose(owq, D.pow(2).sum(0).sqrt() * act)
+    assert set(select_salient(gift, 4).tolist()) != set(select_salient(owq, 4).tolist())
