@@ -151,7 +151,7 @@ def _base_tensors(model, dtype) -> dict:
 
 def _write_base(model, tokenizer, config, dtype, where: Path) -> None:
     where.mkdir(exist_ok=True)
-    write_weights(_base_tensors(model, dtype), where)
+    write_weights(model, where, state_dict=_base_tensors(model, dtype))
     hf_config = copy.deepcopy(model.config)
     hf_config.quantization_config = gptq_config(config)
     hf_config.dtype = dtype

@@ -1,11 +1,12 @@
 """Loading checkpoint format v1 through transformers: `AutoModelForCausalLM.from_pretrained(path)`.
 
-Imported when transformers is (qrecover/__init__), it registers under the quant_method "qrecover", a quantization config that keeps
-config.json's entry verbatim and a quantizer that, while transformers builds the model skeleton on
-the meta device, swaps every quantizable linear for an empty QuantLinear shaped after the
-checkpoint's tensor headers (io.install_quant_linears, the same step and checks as
-qrecover.load_checkpoint). transformers' own loader then fills those layers in like any other
-weights, so `generate`, `pipeline(...)`, device maps and lm-eval's `--model hf` work unchanged.
+Imported when transformers is (qrecover.registration), it registers under the quant_method
+"qrecover" a quantization config that keeps config.json's entry verbatim and a quantizer that,
+while transformers builds the model skeleton on the meta device, swaps every quantizable linear for
+an empty QuantLinear shaped after the checkpoint's tensor headers (io.install_quant_linears).
+transformers' own loader then fills those layers in like any other weights, so `generate`,
+`pipeline(...)`, device maps and lm-eval's `--model hf` work unchanged; qrecover.load_checkpoint is
+this same path with its checks around it.
 
 It also refuses a checkpoint whose config.json lost its quantization_config: transformers would
 otherwise build an ordinary model, fill every linear with random weights and only log it.
@@ -100,6 +101,14 @@ class QRecoverHfQuantizer(HfQuantizer):
         qc = self.quantization_config.to_dict()
         check_quantization_config(qc, path)
         install_quant_linears(model, _tensor_headers(checkpoint_files), config_from_checkpoint(qc), path)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers' loader makes every floating parameter it fills trainable; the 16-bit
+        # columns train only through `qrecover recover`, which asks for their gradients itself.
+        for name, param in model.named_parameters():
+            if name.endswith(".salient_weight"):
+                param.requires_grad_(False)
+        return model
 
     def is_serializable(self):
         return True  # the QuantLinear buffers are the checkpoint's tensors, under the same names

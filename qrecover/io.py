@@ -1,9 +1,11 @@
 """Checkpoint format v1 (DESIGN.md): a Hugging Face directory with safetensors, written atomically.
 
-Save writes into a hidden temporary directory beside the target and renames it into place, so an
-interrupted save never leaves a directory that looks like a checkpoint. Load builds the model
-skeleton without allocating its weights, puts a QuantLinear wherever the checkpoint holds packed
-tensors, and refuses foreign, truncated or future-version checkpoints with a message saying why.
+The tensors go through transformers' save_pretrained (sharded past max_shard_bytes) and come back
+through from_pretrained and qrecover's quantizer (hf_quantizer), which puts a QuantLinear wherever
+the checkpoint holds packed tensors. What is qrecover's own: the quantization_config entry, the
+checks that refuse foreign, truncated or future-version checkpoints with a message saying why, and
+the atomic write (a hidden temporary directory beside the target, renamed into place, so an
+interrupted save never leaves a directory that looks like a checkpoint).
 """
 from __future__ import annotations
 
@@ -12,8 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
 from ._version import __version__
 from .config import QuantConfig
@@ -108,30 +109,11 @@ def unique_tensors(model) -> dict:
     return out
 
 
-def write_weights(tensors: dict, where: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """tensors as model.safetensors, or as shards of at most max_shard_bytes with their index."""
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    # One metadata entry: safetensors stores metadata as a hash map, so several entries come out in a
-    # different order on every save, and identical runs would not give identical bytes.
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(where / WEIGHTS), metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(where / fname), metadata=meta)
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    atomic_write_json(where / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+def write_weights(model, where: Path, max_shard_bytes: int = MAX_SHARD_BYTES, state_dict: dict | None = None) -> None:
+    """model's tensors (or state_dict) through transformers' save_pretrained: model.safetensors, or
+    shards of at most max_shard_bytes with their index; tied duplicates written once. The caller
+    writes config.json afterwards (save_pretrained writes the model's own)."""
+    model.save_pretrained(where, max_shard_size=max_shard_bytes, state_dict=state_dict)
 
 
 def gptq_config(config: QuantConfig) -> dict:
@@ -151,15 +133,13 @@ def save_checkpoint(
 ) -> Path:
     """Write a quantized model as checkpoint format v1; extras(dir) may add files. Returns the directory."""
 
-    tensors = unique_tensors(model)
+    needed = sum(t.nbytes for t in unique_tensors(model).values())
 
     def build(tmp: Path):
-        write_weights(tensors, tmp, max_shard_bytes)
+        write_weights(model, tmp, max_shard_bytes)  # and generation_config.json
         cfg = copy.deepcopy(model.config)
         cfg.quantization_config = quantization_config(config, recovery, source)
         cfg.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -170,7 +150,7 @@ def save_checkpoint(
         if extras is not None:
             extras(tmp)
 
-    return atomic_dir(out_dir, build, overwrite, needed_bytes=sum(t.nbytes for t in tensors.values()))
+    return atomic_dir(out_dir, build, overwrite, needed_bytes=needed)
 
 
 def is_checkpoint(path) -> bool:
@@ -181,21 +161,13 @@ def is_checkpoint(path) -> bool:
     return qc.get("quant_method") == "qrecover"
 
 
-def _read_tensors(path: Path) -> dict:
+def _weight_files(path: Path) -> list[Path]:
     index = path / INDEX
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / WEIGHTS).is_file():
-        files = [WEIGHTS]
-    else:
-        raise QRecoverError(f"{path} has neither {WEIGHTS} nor {INDEX}: the checkpoint is incomplete")
-    tensors = {}
-    for fname in files:
-        try:
-            tensors.update(load_file(str(path / fname)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise QRecoverError(f"{path / fname} is corrupted or truncated ({e}); re-export the checkpoint") from e
-    return tensors
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    raise QRecoverError(f"{path} has neither {WEIGHTS} nor {INDEX}: the checkpoint is incomplete")
 
 
 def check_quantization_config(qc: dict | None, path) -> None:
@@ -236,9 +208,10 @@ def install_quant_linears(model, tensors: dict, config: QuantConfig, path) -> li
 
 
 def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer, QuantConfig) of a checkpoint format v1 directory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    """(model, tokenizer, QuantConfig) of a checkpoint format v1 directory, through transformers'
+    from_pretrained and qrecover's quantizer (hf_quantizer); dtype: that of the tensors outside the
+    quantized linears (default: as stored)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -247,27 +220,18 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
         raise QRecoverError(f"{path} has no config.json: not a checkpoint")
     qc = read_config(path).get("quantization_config")
     check_quantization_config(qc, path)
-    config = config_from_checkpoint(qc)
-    tensors = _read_tensors(path)
-
-    hf_config = AutoConfig.from_pretrained(path)
-    del hf_config.quantization_config  # the skeleton is an ordinary model; QuantLinears go in below
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    quantized = install_quant_linears(model, tensors, config, path)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
-    missing = [k for k in result.missing_keys if k not in tied and not k.startswith(tuple(quantized))]
-    if missing or result.unexpected_keys:
-        raise QRecoverError(
-            f"{path} does not match its config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    if tied:
-        model.tie_weights()
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    model.config.quantization_config = qc
+    for file in _weight_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise QRecoverError(f"{file} is corrupted or truncated ({e}); re-export the checkpoint") from e
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise QRecoverError(f"{path} could not be loaded ({e}); the checkpoint is corrupted or truncated: re-export it") from e
+    wrong = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if wrong:
+        raise QRecoverError(f"{path} does not match its config: " + ", ".join(f"{k.split('_')[0]} {v}" for k, v in wrong.items()))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.to(device).eval(), tokenizer, config
+    return model.to(device).eval(), tokenizer, config_from_checkpoint(qc)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,18 @@ def test_quantized_modules_replace_linears(quantized, tmp_path):
     loaded, _, _ = load_checkpoint(save_checkpoint(model, tok, tmp_path / "c", cfg))
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14
     assert not any(isinstance(m, torch.nn.Linear) and "layers" in n for n, m in loaded.named_modules())
+
+
+def test_a_checkpoint_written_by_the_hand_written_saver_still_loads():
+    """tests/data/format-v1-584e628 was saved (with its logits) by commit 584e628, before checkpoint
+    I/O went through transformers' save_pretrained/from_pretrained."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    old = Path(__file__).parent / "data" / "format-v1-584e628"
+    expected = load_file(old / "expected_logits.safetensors")
+    model, _, config = load_checkpoint(old)
+    assert config.bits == 3 and model.model.layers[1].mlp.down_proj.bits == 4
+    with torch.no_grad():
+        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(old)(expected["ids"]).logits, expected["logits"])

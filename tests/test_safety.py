@@ -130,22 +130,22 @@ def test_a_result_is_shown_before_its_report_is_written(checkpoint, monkeypatch,
 
 
 def test_a_full_disk_is_an_error_and_the_rerun_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import qrecover.io
+    import transformers.modeling_utils as writer  # save_pretrained's safetensors writer
 
-    real = qrecover.io.save_file
+    real = writer.safe_save_file
 
     def full(*args, **kwargs):
         raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
 
     out = tmp_path / "q"
-    monkeypatch.setattr(qrecover.io, "save_file", full)
+    monkeypatch.setattr(writer, "safe_save_file", full)
     assert quantize(tiny_model_dir, out) == 2
     err = capsys.readouterr().err
     assert "no space left on the disk while writing" in err and "it needs about" in err and "are free" in err
     assert not out.exists() and (tmp_path / "q.qrecover-work" / "progress.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    monkeypatch.setattr(qrecover.io, "save_file", real)
+    monkeypatch.setattr(writer, "safe_save_file", real)
     assert quantize(tiny_model_dir, out) == 0
     assert "resuming the interrupted quantization" in capsys.readouterr().err
     assert not (tmp_path / "q.qrecover-work").exists()
