@@ -36,7 +36,8 @@ def _add_quantize(sub):
         "quantize",
         help="quantize a model to low-bit weights with 16-bit salient columns and save a checkpoint",
         description="Quantize every attention and MLP projection of a causal LM (the families of "
-        "qrecover.models.ARCHITECTURES: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) layer by layer with GPTQ (or RTN), keeping the most salient input columns of each in 16-bit, and save "
+        "qrecover.models.ARCHITECTURES: Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) layer by layer "
+        "with GPTQ (or RTN), keeping the most salient input columns of each in 16-bit, and save "
         "checkpoint format v1 with a JSON report (per-layer errors, salient columns, timings).",
     )
     p.add_argument("model", help="HF model directory, .gguf file, hub id (owner/name) or smollm2-135m")

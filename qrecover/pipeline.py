@@ -82,6 +82,7 @@ def capture_inputs(model, samples: torch.Tensor, device, batch_size: int):
             m.to(home)
     return hidden_seen, kwargs_seen
 
+
 def _layer_forward(layer, x, kwargs):
     out = layer(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
