@@ -272,8 +272,13 @@ class _Resume:
                 layers[i].set_submodule(short, QuantLinear.from_tensors(own, bits))
         if not inputs:
             return None
-        saved = load_file(self.dir / "inputs.safetensors", device=str(device))
+        saved = load_file(self._inputs(self.done), device=str(device))
         return [saved[f"batch{j}"] for j in range(len(saved))]
+
+    def _inputs(self, index: int) -> Path:
+        # Named by layer: a kill between writing them and progress.json must not pair one layer's
+        # progress with the next layer's inputs.
+        return self.dir / f"inputs{index:04d}.safetensors"
 
     def save(self, index: int, layer, batches, reports, seconds, elapsed: float):
         if self.dir is None:
@@ -285,11 +290,12 @@ class _Resume:
             if batches is not None:
                 tmp = self.dir / "inputs.safetensors.tmp"
                 save_file({f"batch{j}": b.contiguous().cpu() for j, b in enumerate(batches)}, str(tmp))
-                tmp.replace(self.dir / "inputs.safetensors")
+                tmp.replace(self._inputs(index + 1))
         self.state["layers"].append({"index": index, "seconds": seconds, "modules": reports})
         self.state["done"] = index + 1
         self.state["seconds"] = round(self.seconds_before + elapsed, 3)
         atomic_write_json(self.dir / "progress.json", self.state)
+        self._inputs(index).unlink(missing_ok=True)
 
 
 _QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight", "bias")
@@ -321,7 +327,6 @@ def quantize_model(
     home = torch.device("cpu") if device.type == "cuda" else device
     arch = architecture(model)
     layers = model.get_submodule(arch.layers)
-    generator = torch.Generator().manual_seed(config.seed)
     resume = _Resume(work_dir, _config_digest(config, samples))
     start = time.perf_counter()
     resumed = resume.done
@@ -338,6 +343,7 @@ def quantize_model(
     for i in range(resume.done, len(layers)):
         layer_start = time.perf_counter()
         layer = layers[i].to(device)
+        generator = torch.Generator().manual_seed(config.seed + i)  # per layer, so a resumed run draws the same
         reports, batches = quantize_layer(layer, arch, f"{arch.layers}.{i}", batches, kwargs and kwargs[i], config, generator, salient_dtype)
         if batches is not None and not all(torch.isfinite(b.sum()) for b in batches):
             raise QRecoverError(f"the outputs of quantized layer {i} contain NaN or Inf; try --dtype float32")

@@ -83,34 +83,46 @@ def test_calibration_is_required_where_it_is_used(cfg):
         quantize_model(tiny_model(), None, cfg, progress=False)
 
 
+class Interrupted(BaseException):
+    pass
+
+
 @pytest.mark.parametrize("cfg, ids", [
     (QuantConfig(bits=3, group_size=32, salient=3), samples()),
+    (QuantConfig(bits=3, group_size=32, salient=3, metric="random"), samples()),
     (QuantConfig(bits=3, group_size=32, method="rtn"), None),
-], ids=["calibrated", "weights-only"])
-def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, cfg, ids):
+], ids=["calibrated", "random-columns", "weights-only"])
+@pytest.mark.parametrize("crash", ["inside-layer", "before-progress"])
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, cfg, ids, crash):
+    """Interrupted in layer 1, or after layer 1's tensors and the next inputs are saved but before
+    its progress is: the resumed model equals the uninterrupted one."""
     import qrecover.pipeline as pipeline
 
-    whole = tiny_model()
+    whole = tiny_model(layers=3)
     quantize_model(whole, ids, cfg, progress=False)
 
-    real = pipeline.quantize_layer
-    def crash_on_second_layer(layer, arch, prefix, *args):
-        if prefix.endswith(".1"):
-            raise KeyboardInterrupt
-        return real(layer, arch, prefix, *args)
+    def interrupt(*args, **kwargs):
+        raise Interrupted
 
-    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
-    with pytest.raises(KeyboardInterrupt):
-        quantize_model(tiny_model(), ids, cfg, work_dir=tmp_path / "work", progress=False)
-    monkeypatch.setattr(pipeline, "quantize_layer", real)
-    resumed = tiny_model()
+    if crash == "inside-layer":
+        real = pipeline.quantize_layer
+        monkeypatch.setattr(pipeline, "quantize_layer", lambda layer, arch, prefix, *args: (
+            interrupt() if prefix.endswith(".1") else real(layer, arch, prefix, *args)))
+    else:
+        real = pipeline.atomic_write_json
+        writes = iter([real, interrupt])
+        monkeypatch.setattr(pipeline, "atomic_write_json", lambda *args: next(writes)(*args))
+    with pytest.raises(Interrupted):
+        quantize_model(tiny_model(layers=3), ids, cfg, work_dir=tmp_path / "work", progress=False)
+    monkeypatch.undo()
+    resumed = tiny_model(layers=3)
     report = quantize_model(resumed, ids, cfg, work_dir=tmp_path / "work", progress=False)
-    assert [layer["index"] for layer in report["layers"]] == [0, 1]
+    assert [layer["index"] for layer in report["layers"]] == [0, 1, 2]
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
     with pytest.raises(QRecoverError, match="other settings"):
-        quantize_model(tiny_model(), samples(), QuantConfig(bits=4), work_dir=tmp_path / "work", progress=False)
+        quantize_model(tiny_model(layers=3), samples(), QuantConfig(bits=4), work_dir=tmp_path / "work", progress=False)
 
 
 def test_nan_weights_are_named():
