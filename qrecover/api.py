@@ -37,28 +37,46 @@ from .utils import atomic_write_json, peak_memory_mb
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load(spec, device="cpu", dtype=None):
-    """(model, tokenizer) of a qrecover checkpoint, a LoRA adapter on one, or an ordinary model spec."""
+def load(spec, device="cpu", dtype=None, cache_weights: bool = False):
+    """(model, tokenizer) of a qrecover checkpoint, a LoRA adapter on one, or an ordinary model spec;
+    cache_weights keeps the quantized linears dequantized (memory for speed)."""
     if (Path(spec) / "adapter_config.json").is_file():
         model, tokenizer = load_lora(spec)
-        return model.to(device), tokenizer
-    if is_checkpoint(spec):
+        model = model.to(device)
+    elif is_checkpoint(spec):
         model, tokenizer, _ = load_checkpoint(spec, device, None if dtype == "auto" else dtype)
-        return model, tokenizer
-    return load_pretrained(spec, dtype=dtype or "auto", device=device)
+    else:
+        model, tokenizer = load_pretrained(spec, dtype=dtype or "auto", device=device)
+    hold_dense_weights(model, cache_weights)
+    return model, tokenizer
 
 
 def zeroshot(model, tasks=None, *, tokenizer=None, device: str = "cpu", dtype=None, cache_weights: bool = False, **options) -> dict:
     """Zero-shot accuracy (eval.zeroshot.zeroshot) of an in-memory model with its tokenizer, or of a
-    checkpoint or model spec loaded here; cache_weights keeps a loaded model's quantized linears
-    dequantized (memory for speed)."""
+    checkpoint or model spec loaded here (cache_weights: see load)."""
     if isinstance(model, (str, Path)):
-        name = str(model)
-        model, tokenizer = load(model, device=device, dtype=dtype)
-        if cache_weights:
-            hold_dense_weights(model, True)
-        options["name"] = name
+        options["name"] = str(model)
+        model, tokenizer = load(model, device=device, dtype=dtype, cache_weights=cache_weights)
     return zeroshot_of(model, tasks, tokenizer=tokenizer, **options)
+
+
+def score(model, tokenizer, texts=(), *, reference=None, seqlen: int = 2048, max_windows: int | None = None,
+          tasks=(), limit: int | None = None, per_example: bool = False, progress: bool = True) -> dict:
+    """Every score of an in-memory model, the one evaluation driver of evaluate, recipes and compare:
+    for each text (keyed by its label) its perplexity, or with a reference model its fidelity to that
+    model (eval/fidelity.py, perplexity included), with the number of whole windows the text holds;
+    with tasks their zero-shot scores under "zeroshot"."""
+    results = {}
+    for text in texts:
+        tokens = eval_tokens(tokenizer, text)
+        if reference is None:
+            result = perplexity(model, tokens, seqlen, max_windows, progress)
+        else:
+            result = fidelity_of(model, reference, tokens, seqlen, max_windows, progress)
+        results[source_label(text)] = result | {"windows_available": tokens.shape[1] // seqlen}
+    if tasks:
+        results["zeroshot"] = zeroshot_of(model, tasks, tokenizer=tokenizer, limit=limit, per_example=per_example)
+    return results
 
 
 def parse_dtype(name: str):
@@ -109,8 +127,7 @@ def quantize(
     if samples is not None:
         report["calibration"].update({"source": str(calib), "seed": seed})
     if eval_dataset:
-        tokens = eval_tokens(tokenizer, eval_dataset)
-        report["eval"] = {source_label(eval_dataset): perplexity(net, tokens, max_windows=eval_windows, progress=progress)}
+        report["eval"] = score(net, tokenizer, [eval_dataset], max_windows=eval_windows, progress=progress)
     before = (report["resumed"] or {}).get("seconds_before", 0.0)
     report["total_seconds"] = round(before + time.perf_counter() - start, 2)  # earlier interrupted runs' work included
     report["peak_memory_mb"] = peak_memory_mb(report["device"])
@@ -132,27 +149,30 @@ def evaluate(
     progress: bool = True,
     cache_weights: bool = False,
     echo: Callable[[dict], None] | None = None,
+    against: str | None = None,
 ) -> dict:
-    """Perplexity of a checkpoint or ordinary model on an evaluation text; echo(result) shows it
-    before its report is written.
+    """Perplexity of a checkpoint or ordinary model on an evaluation text or, with `against`, how close
+    its next-token distributions are to that model's (eval/fidelity.py). echo(result) shows it before
+    its report (eval_<text>.json or fidelity_<text>.json in a checkpoint directory) is written.
 
     cache_weights: dequantize every quantized linear once and keep it (memory for speed).
     """
-    net, tokenizer = load(path, device=device, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
-    if cache_weights:
-        hold_dense_weights(net, True)
-    result = {"model": str(path), "dataset": dataset, **perplexity(net, eval_tokens(tokenizer, dataset), seqlen, max_windows, progress)}
+    net, tokenizer = load(path, device, parse_dtype(dtype) if isinstance(dtype, str) else dtype, cache_weights)
+    reference = None
+    if against is not None:
+        reference, ref_tokenizer = load(against, device=device)
+        if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+            raise QRecoverError(f"{path} and {against} have different tokenizers: their next-token distributions cannot be compared")
+    label = source_label(dataset)
+    scores = score(net, tokenizer, [dataset], reference=reference, seqlen=seqlen, max_windows=max_windows, progress=progress)
+    result = {"model": str(path), **({"against": str(against)} if against else {}), "dataset": dataset, **scores[label]}
     if report_path is None and Path(path).is_dir():
-        report_path = Path(path) / f"eval_{source_label(dataset)}.json"
-    _show_then_save(result, report_path, echo)
-    return result
-
-
-def _show_then_save(result: dict, report_path, echo) -> None:
+        report_path = Path(path) / f"{'fidelity' if against else 'eval'}_{label}.json"
     if echo is not None:
         echo(result)
     if report_path is not None:
         write_report(report_path, result)
+    return result
 
 
 def _teacher_for(model: str, config: RecoverConfig, tokenizer, device, progress: bool) -> Teacher:
@@ -195,36 +215,6 @@ def _pick_noise_scale(net, examples, held_out, pad_id, config: RecoverConfig, ob
     restore(net, initial, best)
     print(f"qrecover: noise scale {best:g} chosen by {len(rows)} pilots of {config.pilot_steps} steps", file=sys.stderr)
     return best, rows
-
-
-def fidelity(
-    path: str,
-    against: str,
-    dataset: str = "wikitext2",
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    device: str = "cpu",
-    report_path: str | Path | None = None,
-    progress: bool = True,
-    cache_weights: bool = False,
-    echo: Callable[[dict], None] | None = None,
-) -> dict:
-    """How close a checkpoint's next-token distributions are to model `against`'s (eval/fidelity.py).
-
-    echo(result) shows it before its report is written (fidelity_<dataset>.json in a checkpoint directory)."""
-    net, tokenizer = load(path, device=device)
-    reference, ref_tokenizer = load(against, device=device)
-    if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
-        raise QRecoverError(f"{path} and {against} have different tokenizers: their next-token distributions cannot be compared")
-    if cache_weights:
-        hold_dense_weights(net, True)
-    tokens = eval_tokens(tokenizer, dataset)
-    result = {"model": str(path), "against": str(against), "dataset": dataset,
-              **fidelity_of(net, reference, tokens, seqlen, max_windows, progress)}
-    if report_path is None and Path(path).is_dir():
-        report_path = Path(path) / f"fidelity_{source_label(dataset)}.json"
-    _show_then_save(result, report_path, echo)
-    return result
 
 
 def recover(
@@ -328,7 +318,7 @@ def recover(
     result = {"out": str(out), "recovery": summary, "final_loss": state.log[-1]["loss"] if state.log else None}
     if eval_dataset:
         net.eval()
-        result["eval"] = {source_label(eval_dataset): perplexity(net, eval_tokens(tokenizer, eval_dataset), max_windows=eval_windows, progress=progress)}
+        result["eval"] = score(net, tokenizer, [eval_dataset], max_windows=eval_windows, progress=progress)
     if echo is not None:
         echo(result)
     if qconfig is not None and config.method == "gift":

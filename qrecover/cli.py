@@ -144,16 +144,10 @@ def _add_eval(sub):
 def _run_eval(args):
     if args.tasks or args.task_file:
         return _run_zeroshot(args)
-    if args.against:
-        from .api import fidelity
-
-        fidelity(args.path, args.against, args.dataset, args.seqlen, args.max_windows, args.device,
-                 args.report, not args.quiet, args.cache_weights, echo=_print_json)
-        return
     from .api import evaluate
 
     evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report,
-             not args.quiet, args.cache_weights, echo=_print_json)
+             not args.quiet, args.cache_weights, echo=_print_json, against=args.against)
 
 
 def _run_zeroshot(args):
@@ -322,7 +316,7 @@ def _csv(cast):
 
 
 def _add_compare(sub):
-    from .compare import METHODS as COMPARE_METHODS, PRESETS
+    from .bench.compare import METHODS as COMPARE_METHODS, PRESETS
 
     p = sub.add_parser(
         "compare",
@@ -362,7 +356,7 @@ def _add_compare(sub):
 
 
 def _run_compare(args):
-    from .compare import Comparison, run_compare
+    from .bench.compare import Comparison, run_compare
 
     cmp = Comparison(
         model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,

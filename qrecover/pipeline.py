@@ -15,7 +15,6 @@ interrupted run resumes at the first unfinished layer.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ from .observer import InputStats
 from .outputs import disk_errors
 from .quant.gptq import gptq_quantize, output_error
 from .saliency import column_scores, select_salient
-from .utils import atomic_write_json, peak_memory_mb
+from .resume import StateFile
+from .utils import peak_memory_mb
 
 
 class _InputSeen(Exception):
@@ -229,30 +229,19 @@ def quantize_layer(layer, arch: Architecture, prefix: str, batches, kwargs, conf
         hold_dense_weights(layer, False)
 
 
-def _config_digest(config: QuantConfig, samples: torch.Tensor | None) -> str:
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    if samples is not None:
-        h.update(samples.numpy().tobytes())
-    return h.hexdigest()[:16]
+def _resume_settings(config: QuantConfig, samples: torch.Tensor | None) -> dict:
+    calibration = None if samples is None else hashlib.sha256(samples.numpy().tobytes()).hexdigest()
+    return {"quantization": config.to_dict(), "calibration": calibration}
 
 
 class _Resume:
     """Per-layer progress in a work directory: finished layers' tensors and the next layer's inputs."""
 
-    def __init__(self, work_dir, digest: str):
+    def __init__(self, work_dir, settings: dict):
         self.dir = Path(work_dir) if work_dir else None
-        self.digest = digest
-        self.state = {"digest": digest, "done": 0, "layers": [], "seconds": 0.0}
         # Made at the first save, so a run refused before any layer is done leaves no folder behind.
-        path = self.dir / "progress.json" if self.dir is not None else None
-        if path is not None and path.is_file():
-            state = json.loads(path.read_text())
-            if state.get("digest") != digest:
-                raise QRecoverError(
-                    f"{self.dir} holds an interrupted run with other settings or calibration data; "
-                    "delete it or rerun with the same settings to resume"
-                )
-            self.state = state
+        self.file = StateFile(self.dir and self.dir / "progress.json", settings, "an interrupted quantization")
+        self.state = self.file.read() or {"done": 0, "layers": [], "seconds": 0.0}
         self.seconds_before = self.state["seconds"]  # work time of earlier, interrupted runs
 
     @property
@@ -294,7 +283,7 @@ class _Resume:
         self.state["layers"].append({"index": index, "seconds": seconds, "modules": reports})
         self.state["done"] = index + 1
         self.state["seconds"] = round(self.seconds_before + elapsed, 3)
-        atomic_write_json(self.dir / "progress.json", self.state)
+        self.file.write(self.state)
         self._inputs(index).unlink(missing_ok=True)
 
 
@@ -327,7 +316,7 @@ def quantize_model(
     home = torch.device("cpu") if device.type == "cuda" else device
     arch = architecture(model)
     layers = model.get_submodule(arch.layers)
-    resume = _Resume(work_dir, _config_digest(config, samples))
+    resume = _Resume(work_dir, _resume_settings(config, samples))
     start = time.perf_counter()
     resumed = resume.done
     if resumed:

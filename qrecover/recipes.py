@@ -16,8 +16,6 @@ from its last checkpoint).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,6 +26,7 @@ from .config import QuantConfig
 from .errors import QRecoverError
 from .recovery.config import RecoverConfig, TrainConfig
 from .outputs import atomic_dir, claim
+from .resume import StateFile
 from .utils import atomic_write_json
 
 
@@ -111,31 +110,23 @@ def load_recipe(path) -> Recipe:
 
 
 class Stages:
-    """Markers of finished stages under <out>/stages."""
+    """Markers of finished stages under <out>/stages, each with the settings it ran with."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.root = Path(recipe.out) / "stages"
 
-    def _digest(self, stage: str) -> str:
-        return hashlib.sha256(json.dumps(self.recipe.stage_settings(stage), sort_keys=True, default=str).encode()).hexdigest()
+    def _marker(self, stage: str) -> StateFile:
+        return StateFile(self.root / f"{stage}.json", self.recipe.stage_settings(stage), f"stage {stage!r} of an earlier recipe")
 
     def done(self, stage: str) -> bool:
-        marker = self.root / f"{stage}.json"
-        if not marker.is_file():
-            return False
-        if json.loads(marker.read_text())["digest"] != self._digest(stage):
-            raise QRecoverError(
-                f"the recipe changed since stage {stage!r} ran in {self.root.parent}; delete that directory "
-                "to start over, or choose another `out`"
-            )
-        return True
+        return self._marker(stage).read() is not None
 
     def finish(self, stage: str, result: dict) -> None:
-        atomic_write_json(self.root / f"{stage}.json", {"digest": self._digest(stage), "result": result})
+        self._marker(stage).write({"result": result})
 
     def result(self, stage: str) -> dict:
-        return json.loads((self.root / f"{stage}.json").read_text())["result"]
+        return self._marker(stage).read()["result"]
 
 
 STAGES = ("quantize", "recover", "evaluate", "export")
@@ -196,15 +187,10 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
 
 
 def _evaluate(path: Path, recipe: Recipe, progress: bool) -> dict:
-    from .data import source_label
-    from .api import evaluate
+    from .api import load, score
 
     ev = recipe.evaluate
-    results = {}
-    for dataset in ev.perplexity:
-        results[source_label(dataset)] = evaluate(str(path), dataset, ev.seqlen, ev.max_windows, recipe.device or "cpu", progress=progress)["perplexity"]
-    if ev.tasks:
-        from .api import zeroshot
-
-        results["zeroshot"] = zeroshot(str(path), ev.tasks, limit=ev.limit, device=recipe.device or "cpu")
-    return results
+    model, tokenizer = load(str(path), device=recipe.device or "cpu")
+    scores = score(model, tokenizer, ev.perplexity, seqlen=ev.seqlen, max_windows=ev.max_windows, tasks=ev.tasks,
+                   limit=ev.limit, progress=progress)
+    return {label: result if label == "zeroshot" else result["perplexity"] for label, result in scores.items()}

@@ -78,7 +78,7 @@ def test_salient_more_than_inputs(tiny_model_dir, tmp_path, capsys):
 
 
 def test_compare_options_reach_the_comparison(tmp_path, monkeypatch, capsys):
-    import qrecover.compare as compare
+    import qrecover.bench.compare as compare
 
     seen = []
 

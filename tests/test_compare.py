@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from qrecover.compare import Comparison, run_compare, stage_dir
+from qrecover.bench.compare import Comparison, run_compare, stage_dir
 from qrecover.errors import QRecoverError
-from qrecover.footprint import bits_per_weight
+from qrecover.bench.footprint import bits_per_weight
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
 
 
 def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import qrecover.compare as compare
+    import qrecover.bench.compare as compare
 
     monkeypatch.setattr(compare, "PEER_PACKAGE", {"gptqmodel": "no_such_package_qrecover"})
     rows = run_compare(Comparison(model=str(tiny_model_dir), out=str(tmp_path / "c"), bits=[4], methods=["gptqmodel", "rtn"]), progress=False)
@@ -120,7 +120,7 @@ def test_bits_per_weight_rejects_unquantized(tiny_model_dir):
 def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
     import dataclasses
 
-    import qrecover.compare as compare
+    import qrecover.bench.compare as compare
 
     cmp = Comparison(model="m", out="o")
     before = {m: compare._digest(cmp, m, 3) for m in compare.METHODS}
@@ -140,7 +140,7 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
     ({"damp": 0.05}, {"gptq", "gptqmodel", "salient", "gift", "lora"}),  # GPTQ solvers, ours and GPTQModel's
 ])
 def test_grid_and_solver_options_make_new_stages_only_for_the_methods_using_them(option, users):
-    import qrecover.compare as compare
+    import qrecover.bench.compare as compare
 
     default, other = Comparison(model="m", out="o"), Comparison(model="m", out="o", **option)
     changed = {m for m in compare.METHODS if compare._digest(default, m, 3) != compare._digest(other, m, 3)}
@@ -148,7 +148,7 @@ def test_grid_and_solver_options_make_new_stages_only_for_the_methods_using_them
 
 
 def test_evaluation_settings_change_the_result_but_not_the_checkpoint():
-    import qrecover.compare as compare
+    import qrecover.bench.compare as compare
 
     base = Comparison(model="m", out="o", tasks=["piqa"], limit=5)
     ce = Comparison(**(dataclasses.asdict(base) | {"objective": "ce"}))
@@ -163,7 +163,7 @@ def test_evaluation_settings_change_the_result_but_not_the_checkpoint():
 
 
 def test_full_preset_time_scales_each_measured_part_by_its_work():
-    from qrecover.compare import PRESETS, full_preset_seconds
+    from qrecover.bench.compare import PRESETS, full_preset_seconds
 
     reduced, full = PRESETS["reduced"], PRESETS["full"]
     calib = full.nsamples * full.seqlen / (reduced.nsamples * reduced.seqlen)

@@ -109,9 +109,9 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, c
         monkeypatch.setattr(pipeline, "quantize_layer", lambda layer, arch, prefix, *args: (
             interrupt() if prefix.endswith(".1") else real(layer, arch, prefix, *args)))
     else:
-        real = pipeline.atomic_write_json
-        writes = iter([real, interrupt])
-        monkeypatch.setattr(pipeline, "atomic_write_json", lambda *args: next(writes)(*args))
+        real = pipeline.StateFile.write
+        writes = iter([real, interrupt])  # layer 0's progress is written, layer 1's is not
+        monkeypatch.setattr(pipeline.StateFile, "write", lambda *args: next(writes)(*args))
     with pytest.raises(Interrupted):
         quantize_model(tiny_model(layers=3), ids, cfg, work_dir=tmp_path / "work", progress=False)
     monkeypatch.undo()

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qrecover"
 # Bottom (0) to top; README "How the code is laid out" explains them.
 LAYERS = {
     "qrecover._version": 0, "qrecover.errors": 0, "qrecover.utils": 0, "qrecover.format": 0,
-    "qrecover.outputs": 0, "qrecover.data": 0, "qrecover.observer": 0, "qrecover.kernels.cache": 0,
+    "qrecover.outputs": 0, "qrecover.resume": 0, "qrecover.data": 0, "qrecover.observer": 0, "qrecover.kernels.cache": 0,
     "qrecover.kernels": 1,
     "qrecover.nn": 2,
     "qrecover.quant": 3, "qrecover.saliency": 3, "qrecover.config": 3, "qrecover.models": 3,
@@ -24,7 +24,7 @@ LAYERS = {
     "qrecover.io": 4, "qrecover.hf_quantizer": 4, "qrecover.registration": 4,
     "qrecover.pipeline": 5, "qrecover.recovery": 5,
     "qrecover.api": 6, "qrecover.export": 6, "qrecover.recipes": 6,
-    "qrecover.compare": 7, "qrecover.peers": 7, "qrecover.footprint": 7,
+    "qrecover.bench": 7,
     "qrecover.cli": 8, "qrecover.eval.lm_eval_cli": 8, "qrecover": 8,
 }
 NAMES = ["base", "kernels", "nn", "quant/config/models/eval", "io", "pipeline/recovery", "api", "bench", "entry points"]

@@ -8,7 +8,6 @@ last, atomically) names the latest complete one, so an interrupted save never co
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QRecoverError
 from ..outputs import disk_errors
-from ..utils import atomic_write_json
+from ..resume import StateFile
 from .config import TrainConfig
 from .data import BatchOrder, collate
 
@@ -65,19 +64,12 @@ class WorkDir:
 
     def __init__(self, path, settings: dict):
         self.path = Path(path) if path else None
-        self.settings = settings
+        self.file = StateFile(self.path and self.path / "state.json", settings, "an interrupted recovery")
 
     def load(self, model, optimizer) -> TrainState:
-        if self.path is None or not (self.path / "state.json").is_file():
+        saved = self.file.read()
+        if saved is None:
             return TrainState()
-        saved = json.loads((self.path / "state.json").read_text())
-        changed = {k for k in set(saved["settings"]) | set(self.settings) if saved["settings"].get(k) != self.settings.get(k)}
-        if changed:
-            diff = ", ".join(f"{k}: saved {saved['settings'].get(k)!r}, now {self.settings.get(k)!r}" for k in sorted(changed))
-            raise QRecoverError(
-                f"{self.path} holds an interrupted run with other settings ({diff}); rerun with the saved "
-                "settings to resume, or delete the directory to start over"
-            )
         folder = self.path / saved["checkpoint"]
         trainable = load_file(folder / "trainable.safetensors")
         params = dict(model.named_parameters())
@@ -101,19 +93,15 @@ class WorkDir:
             save_file(trainable, str(folder / "trainable.safetensors"))
             save_file(tensors, str(folder / "optimizer.safetensors"))
             save_file({"cpu": torch.get_rng_state()}, str(folder / "rng.safetensors"))
-            atomic_write_json(
-                self.path / "state.json",
-                {"step": state.step, "checkpoint": name, "settings": self.settings, "optimizer": meta, "log": state.log},
-            )
+            self.file.write({"step": state.step, "checkpoint": name, "optimizer": meta, "log": state.log})
         for old in self.path.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
     @property
     def latest_step(self) -> int | None:
-        if self.path is None or not (self.path / "state.json").is_file():
-            return None
-        return json.loads((self.path / "state.json").read_text())["step"]
+        saved = self.file.read()
+        return None if saved is None else saved["step"]
 
 
 def process_state():

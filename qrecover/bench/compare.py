@@ -20,7 +20,6 @@ baseline at its bit width.
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import json
 import subprocess
@@ -29,10 +28,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import check_bits, check_damp
-from .errors import QRecoverError
-from .outputs import claim
-from .utils import atomic_write_json, peak_memory_mb
+from ..config import check_bits, check_damp
+from ..errors import QRecoverError
+from ..outputs import claim
+from ..resume import digest as settings_digest
+from ..utils import atomic_write_json, peak_memory_mb
 
 METHODS = ("rtn", "gptq", "gptqmodel", "awq", "salient", "gift", "lora")
 PEER_PACKAGE = {"gptqmodel": "gptqmodel", "awq": "gptqmodel"}
@@ -126,7 +126,7 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     for key, (default, users) in STAGE_OPTIONS.items():
         if method not in users:
             settings[key] = default
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return settings_digest(settings)[:16]
 
 
 def missing_package(method: str) -> str | None:
@@ -161,7 +161,7 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             spec = {"comparison": asdict(cmp), "method": method, "bits": bits, "digest": digest,
                     "checkpoint_digest": checkpoint_digest, "evaluate_only": evaluate_only}
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "qrecover.compare", json.dumps(spec)], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, "-m", "qrecover.bench.compare", json.dumps(spec)], capture_output=True, text=True)
             if done.returncode != 0 or not result_path.is_file():
                 tail = (done.stderr or done.stdout)[-3000:]
                 if method in PEER_PACKAGE:  # a baseline's failure costs its row, not the comparison
@@ -251,8 +251,6 @@ def _ensure_salient(cmp: Comparison, bits: int) -> None:
 def run_stage(spec: dict) -> None:
     """One stage, in its own process: quantize or recover (or take the saved checkpoint), evaluate,
     write result.json."""
-    from .nn import hold_dense_weights
-
     cmp = Comparison(**spec["comparison"])
     method, bits = spec["method"], spec["bits"]
     preset = PRESETS[cmp.preset]
@@ -266,9 +264,7 @@ def run_stage(spec: dict) -> None:
         result = {"method": method, "bits": bits, "digest": spec["digest"],
                   "checkpoint_digest": spec["checkpoint_digest"], "preset": cmp.preset}
         result.update(_build(cmp, method, bits, preset, where / "model"))
-    model, tokenizer = _load_stage(cmp, method, where / "model")
-    if preset.cache_weights:  # evaluation too computes with the dequantized weights (memory for speed)
-        hold_dense_weights(model, True)
+    model, tokenizer = _load_stage(cmp, method, where / "model", preset.cache_weights)
     result.update(_evaluate(cmp, model, tokenizer))
     result["seconds"] = round(time.perf_counter() - start, 2)
     atomic_write_json(where / "result.json", result)
@@ -276,10 +272,10 @@ def run_stage(spec: dict) -> None:
 
 def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: Path) -> dict:
     """Quantize or recover into `checkpoint`; returns its times, peak memory and real bits per weight."""
-    from . import api
-    from .config import QuantConfig
+    from .. import api
+    from ..config import QuantConfig
     from .footprint import stored_bits
-    from .recovery.config import RecoverConfig, TrainConfig
+    from ..recovery.config import RecoverConfig, TrainConfig
 
     result = {}
     if method in ("rtn", "gptq", "salient"):
@@ -318,19 +314,16 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
     return result
 
 
-def _load_stage(cmp: Comparison, method: str, checkpoint: Path):
-    """(model, tokenizer) of a stage's saved checkpoint."""
-    if method == "lora":
-        from .recovery.model import load_lora
-
-        return load_lora(checkpoint)
+def _load_stage(cmp: Comparison, method: str, checkpoint: Path, cache_weights: bool):
+    """(model, tokenizer) of a stage's saved checkpoint; cache_weights: evaluation too computes with
+    the dequantized weights (memory for speed)."""
     if method in PEER_PACKAGE:
         from .peers import load_peer
 
         return load_peer(method, checkpoint)
-    from .api import load
+    from ..api import load
 
-    return load(checkpoint, device=cmp.device or "cpu")
+    return load(checkpoint, device=cmp.device or "cpu", cache_weights=cache_weights)
 
 
 def _eval_windows(cmp: Comparison) -> int | None:
@@ -339,31 +332,23 @@ def _eval_windows(cmp: Comparison) -> int | None:
 
 
 def _evaluate(cmp: Comparison, model, tokenizer) -> dict:
-    """Perplexity on every eval text; on the first, the fidelity to the full-precision model (mean
-    and 99th-percentile KL, top-1 agreement) from the same forward passes; zero-shot scores."""
-    from .data import eval_tokens, source_label
-    from .eval.fidelity import fidelity
-    from .eval.perplexity import perplexity
-    from .models import load_pretrained
+    """Perplexity and fidelity to the full-precision model (mean and 99th-percentile KL, top-1
+    agreement, from the same forward passes) on every eval text, the first one's fidelity in the
+    table; zero-shot scores per example."""
+    from ..api import load, score
 
-    results = {"perplexity_seconds": 0.0, "perplexity_windows": 0, "perplexity_windows_all": 0}
-    for i, dataset in enumerate(cmp.eval_datasets):
-        tokens = eval_tokens(tokenizer, dataset)
-        if i == 0:
-            reference, _ = load_pretrained(cmp.model, dtype="auto")
-            ppl = fidelity(model, reference, tokens, max_windows=_eval_windows(cmp), progress=False)
-            results.update({k: ppl[k] for k in ("kl_mean", "kl_p99", "top1_agreement")})
-            del reference
-        else:
-            ppl = perplexity(model, tokens, max_windows=_eval_windows(cmp), progress=False)
-        results[f"{source_label(dataset)}_perplexity"] = ppl["perplexity"]
-        results["perplexity_seconds"] += ppl["seconds"]
-        results["perplexity_windows"] += ppl["windows"]
-        results["perplexity_windows_all"] += tokens.shape[1] // ppl["seqlen"]
-    if cmp.tasks:
-        from .eval.zeroshot import zeroshot
-
-        results["zeroshot"] = zeroshot(model, cmp.tasks, tokenizer=tokenizer, limit=cmp.limit, per_example=True)
+    reference = load(cmp.model)[0] if cmp.eval_datasets else None
+    scores = score(model, tokenizer, cmp.eval_datasets, reference=reference, max_windows=_eval_windows(cmp),
+                   tasks=cmp.tasks, limit=cmp.limit, per_example=True, progress=False)
+    del reference
+    zeroshot = scores.pop("zeroshot", None)
+    texts = list(scores.values())
+    results = {k: texts[0][k] for k in ("kl_mean", "kl_p99", "top1_agreement")} if texts else {}
+    results |= {f"{label}_perplexity": r["perplexity"] for label, r in scores.items()}
+    results |= {"perplexity_seconds": sum(r["seconds"] for r in texts), "perplexity_windows": sum(r["windows"] for r in texts),
+                "perplexity_windows_all": sum(r["windows_available"] for r in texts)}
+    if zeroshot is not None:
+        results["zeroshot"] = zeroshot
     return results
 
 
@@ -398,7 +383,7 @@ def _pair_with_best_peer(rows: list[dict]) -> None:
     """Give each row the paired difference of its zero-shot mean from the best baseline's at its bit
     width (the peer with the highest mean), scored on the same examples: the error of a paired
     difference counts only the questions the two disagree on, so it tells real gaps from noise."""
-    from .eval.zeroshot import paired_difference
+    from ..eval.zeroshot import paired_difference
 
     for bits in {r["bits"] for r in rows}:
         peers = [r for r in rows if r["bits"] == bits and r["method"] in PEER_PACKAGE and r.get("zeroshot_mean") is not None]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .errors import QRecoverError
+from ..errors import QRecoverError
 
 _DTYPE_BITS = {"I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "BOOL": 8}
 

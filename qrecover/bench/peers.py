@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import time
 
-from .errors import QRecoverError
+from ..errors import QRecoverError
 
 
 def awq_group_size(model, wanted: int) -> int:
     """GPTQModel's AWQ needs groups that divide every input width; the largest of wanted, 64, 32 that does."""
-    from .models import quantizable_linears
+    from ..models import quantizable_linears
 
     widths = {m.in_features for m in quantizable_linears(model).values()}
     for g in (wanted, 64, 32):
@@ -33,8 +33,8 @@ def peer_quantize(method: str, cmp, bits: int, preset, checkpoint) -> tuple[floa
     gptqmodel = _gptqmodel()
     from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
 
-    from .data import calibration_samples
-    from .models import load_pretrained, resolve_model
+    from ..data import calibration_samples
+    from ..models import load_pretrained, resolve_model
 
     where, gguf = resolve_model(cmp.model)
     if gguf:

@@ -1,0 +1,3 @@
+"""The comparison harness: qrecover against the baselines users know (GPTQModel's GPTQ and AWQ, LoRA),
+over the public API (compare.py), with the peers' own code (peers.py) and the real bits per weight of
+any checkpoint (footprint.py). Nothing in the package below imports it."""
