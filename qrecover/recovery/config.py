@@ -30,7 +30,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     # bf16: forwards and backwards under bfloat16 autocast (CPU AMX/AVX512-BF16, CUDA); the trained
-    # columns, the optimizer, the logits and the losses stay float32. auto: bf16 on CUDA, fp32 on CPU.
+    # columns, the optimizer, the softmaxes and the losses stay float32. auto: bf16 on CUDA, fp32 on CPU.
     precision: str = "auto"
     save_every: int = 50  # steps between resumable checkpoints (0: none)
     seed: int = 0

@@ -121,7 +121,7 @@ def train(model, examples, pad_id: int, config: TrainConfig, objective, settings
     the final state with its loss log."""
     from accelerate import Accelerator
 
-    # The objective applies the autocast of config.precision itself (with float32 logits).
+    # The objective applies the autocast of config.precision itself (losses in float32).
     process_state()
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="no")
     params = [p for p in model.parameters() if p.requires_grad]
