@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -74,12 +75,8 @@ def _add_quantize(sub):
 def _run_quantize(args):
     from .api import quantize
 
-    config = QuantConfig(
-        bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
-        group_aware=not args.no_group_aware, mse_clip=not args.no_mse_clip, method=args.method,
-        damp=args.damp, salient=args.salient, metric=args.metric, tau=args.tau, rho=args.rho,
-        gamma=args.gamma, seed=args.seed, overrides=dict(args.override),
-    )
+    config = _config(QuantConfig, args, sym=not args.asym, group_aware=not args.no_group_aware,
+                     mse_clip=not args.no_mse_clip, overrides=dict(args.override))
 
     def show(report):
         summary = {"out": args.out, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]}
@@ -93,6 +90,11 @@ def _run_quantize(args):
         overwrite=args.overwrite, eval_dataset=args.eval_dataset, eval_windows=args.eval_windows,
         progress=not args.quiet, echo=show,
     )
+
+
+def _config(cls, args, **values):
+    """A settings dataclass from the options named as its fields (the rest keep their defaults), and values."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)} | values)
 
 
 def _print_json(result: dict) -> None:
@@ -234,20 +236,7 @@ def _run_recover(args):
     from .api import recover
     from .recovery.config import RecoverConfig, TrainConfig
 
-    train = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
-        gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, save_every=args.save_every,
-        seed=args.seed,
-    )
-    config = RecoverConfig(
-        data=args.data, objective=args.objective, kd_weight=args.kd_weight, teacher=args.teacher,
-        teacher_cache=args.teacher_cache, teacher_topk=args.teacher_topk, self_samples=args.self_samples,
-        self_temperature=args.self_temperature, self_top_p=args.self_top_p, pilot_steps=args.pilot_steps,
-        method=args.method, noise=args.noise, noise_scale=args.noise_scale, noise_bits=args.noise_bits,
-        max_length=args.max_length, holdout=args.holdout, train_norms=args.train_norms, lora_rank=args.lora_rank,
-        salient=args.salient, metric=args.metric, cache_weights=args.cache_weights, train=train,
-    )
+    config = _config(RecoverConfig, args, train=_config(TrainConfig, args))
 
     def show(result):  # only the main process of an `accelerate launch` reports
         summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
@@ -358,14 +347,7 @@ def _add_compare(sub):
 def _run_compare(args):
     from .bench.compare import Comparison, run_compare
 
-    cmp = Comparison(
-        model=args.model, out=args.out, bits=args.bits, methods=args.methods, preset=args.preset,
-        group_size=args.group_size, sym=not args.asym, mse_clip=not args.no_mse_clip, damp=args.damp,
-        salient=args.salient, calib=args.calib, train_data=args.train_data, objective=args.objective,
-        eval_datasets=args.eval_datasets, tasks=args.tasks, limit=args.limit, eval_windows=args.eval_windows,
-        device=args.device,
-    )
-    run_compare(cmp)
+    run_compare(_config(Comparison, args, sym=not args.asym, mse_clip=not args.no_mse_clip))
     print((Path(args.out) / "comparison.md").read_text())
 
 
