@@ -47,7 +47,8 @@ def load(spec, device="cpu", dtype=None, cache_weights: bool = False):
         model, tokenizer, _ = load_checkpoint(spec, device, None if dtype == "auto" else dtype)
     else:
         model, tokenizer = load_pretrained(spec, dtype=dtype or "auto", device=device)
-    hold_dense_weights(model, cache_weights)
+    if cache_weights:
+        hold_dense_weights(model, True)
     return model, tokenizer
 
 
