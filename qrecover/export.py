@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import QRecoverError
-from .io import gptq_config, is_checkpoint, load_checkpoint, unique_tensors, write_weights
+from .io import MAX_SHARD_BYTES, gptq_config, is_checkpoint, load_checkpoint, unique_tensors
 from .nn import QuantLinear
 from .outputs import atomic_dir, check_output
 from .quant.grid import fit_grid, quantize
@@ -151,7 +151,7 @@ def _base_tensors(model, dtype) -> dict:
 
 def _write_base(model, tokenizer, config, dtype, where: Path) -> None:
     where.mkdir(exist_ok=True)
-    write_weights(model, where, state_dict=_base_tensors(model, dtype))
+    model.save_pretrained(where, max_shard_size=MAX_SHARD_BYTES, state_dict=_base_tensors(model, dtype))
     hf_config = copy.deepcopy(model.config)
     hf_config.quantization_config = gptq_config(config)
     hf_config.dtype = dtype

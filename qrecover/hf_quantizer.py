@@ -52,7 +52,7 @@ def _tensor_headers(files) -> dict:
                     view = f.get_slice(name)
                     headers[name] = torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
         except (SafetensorError, OSError, KeyError) as e:
-            raise QRecoverError(f"{file} is corrupted, truncated or holds an unknown dtype ({e}); re-export the checkpoint") from e
+            raise QRecoverError(f"{file} is corrupted or truncated, or holds an unknown dtype ({e}); re-export the checkpoint") from e
     return headers
 
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ._version import __version__
 from .config import QuantConfig
@@ -25,8 +25,6 @@ from .outputs import atomic_dir
 from .utils import atomic_write_json
 
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 REPORT = "quantization_report.json"
 MAX_SHARD_BYTES = 4 * 2**30
 
@@ -109,13 +107,6 @@ def unique_tensors(model) -> dict:
     return out
 
 
-def write_weights(model, where: Path, max_shard_bytes: int = MAX_SHARD_BYTES, state_dict: dict | None = None) -> None:
-    """model's tensors (or state_dict) through transformers' save_pretrained: model.safetensors, or
-    shards of at most max_shard_bytes with their index; tied duplicates written once. The caller
-    writes config.json afterwards (save_pretrained writes the model's own)."""
-    model.save_pretrained(where, max_shard_size=max_shard_bytes, state_dict=state_dict)
-
-
 def gptq_config(config: QuantConfig) -> dict:
     """The GPTQ v1 description of a grid (quantize_config.json, and config.json's quantization_config
     of an export); a checkpoint gets quantize_config.json only when no layer keeps 16-bit columns."""
@@ -136,7 +127,9 @@ def save_checkpoint(
     needed = sum(t.nbytes for t in unique_tensors(model).values())
 
     def build(tmp: Path):
-        write_weights(model, tmp, max_shard_bytes)  # and generation_config.json
+        # model.safetensors, or shards with their index; tied duplicates once; generation_config.json
+        # too. config.json is written again below, with the quantization_config.
+        model.save_pretrained(tmp, max_shard_size=max_shard_bytes)
         cfg = copy.deepcopy(model.config)
         cfg.quantization_config = quantization_config(config, recovery, source)
         cfg.save_pretrained(tmp)
@@ -159,15 +152,6 @@ def is_checkpoint(path) -> bool:
         return False
     qc = read_config(path).get("quantization_config") or {}
     return qc.get("quant_method") == "qrecover"
-
-
-def _weight_files(path: Path) -> list[Path]:
-    index = path / INDEX
-    if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (path / WEIGHTS).is_file():
-        return [path / WEIGHTS]
-    raise QRecoverError(f"{path} has neither {WEIGHTS} nor {INDEX}: the checkpoint is incomplete")
 
 
 def check_quantization_config(qc: dict | None, path) -> None:
@@ -220,12 +204,6 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
         raise QRecoverError(f"{path} has no config.json: not a checkpoint")
     qc = read_config(path).get("quantization_config")
     check_quantization_config(qc, path)
-    for file in _weight_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError) as e:
-            raise QRecoverError(f"{file} is corrupted or truncated ({e}); re-export the checkpoint") from e
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
