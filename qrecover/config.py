@@ -119,14 +119,6 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "QuantConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(values) - known
-        if unknown:
-            raise QRecoverError(f"unknown quantization settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
-
 
 def check_bits(bits, what):
     if bits not in VALID_BITS:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from ._version import __version__
 from .config import QuantConfig
 from .errors import QRecoverError
-from .models import quantizable_linears, read_config
+from .models import quantizable_linears, read_config, refuse_partial_load
 from .nn import QuantLinear
 from .outputs import atomic_dir
 from .utils import atomic_write_json
@@ -208,8 +208,6 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", output_loading_info=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise QRecoverError(f"{path} could not be loaded ({e}); the checkpoint is corrupted or truncated: re-export it") from e
-    wrong = {k: sorted(info[k])[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
-    if wrong:
-        raise QRecoverError(f"{path} does not match its config: " + ", ".join(f"{k.split('_')[0]} {v}" for k, v in wrong.items()))
+    refuse_partial_load(info, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer, config_from_checkpoint(qc)

@@ -156,6 +156,16 @@ def load_pretrained(spec: str, dtype="auto", device="cpu"):
         model, info = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, output_loading_info=True, **kw)
     except (OSError, ValueError) as e:
         raise QRecoverError(f"could not load model {spec!r}: {e}") from e
+    refuse_partial_load(info, spec)
+    if gguf:
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    architecture(model)
+    return model.to(device).eval(), tokenizer
+
+
+def refuse_partial_load(info: dict, spec) -> None:
+    """Refuse a from_pretrained whose loading info reports weights that did not fit the config."""
     wrong = {name: sorted(info[name])[:3] for name in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(name)}
     if wrong:
         found = "; ".join(f"{name.replace('_', ' ')}: {', '.join(map(str, keys))}" for name, keys in wrong.items())
@@ -163,11 +173,6 @@ def load_pretrained(spec: str, dtype="auto", device="cpu"):
             f"{spec} does not hold the weights its config.json describes ({found}); transformers would fill "
             "them with random values: the folder is damaged, or its config belongs to another model"
         )
-    if gguf:
-        del model.config.quantization_config
-        model.hf_quantizer = None
-    architecture(model)
-    return model.to(device).eval(), tokenizer
 
 
 def architecture(model: nn.Module) -> Architecture:
@@ -201,10 +206,6 @@ def _submodule(root: nn.Module, name: str):
         return root.get_submodule(name)
     except AttributeError:
         return None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(architecture(model).layers)
 
 
 def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:

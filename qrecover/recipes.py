@@ -68,15 +68,19 @@ class Recipe:
         return settings
 
 
+def _check_known(values: dict, cls, where: str, what: str = "settings") -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise QRecoverError(f"{where} has unknown {what} {sorted(unknown)}; known: {sorted(known)}")
+
+
 def _section(cls, values, where: str):
     if values is None:
         return cls()
     if not isinstance(values, dict):
         raise QRecoverError(f"{where} must be a mapping of settings")
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise QRecoverError(f"{where} has unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    _check_known(values, cls, where)
     return cls(**values)
 
 
@@ -90,10 +94,7 @@ def load_recipe(path) -> Recipe:
         raise QRecoverError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict) or "model" not in raw or "out" not in raw:
         raise QRecoverError(f"recipe {path} needs at least `model` and `out`")
-    known = {f.name for f in fields(Recipe)}
-    unknown = set(raw) - known
-    if unknown:
-        raise QRecoverError(f"recipe {path} has unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    _check_known(raw, Recipe, f"recipe {path}", "sections")
     recover = raw.get("recover")
     if recover is not None:
         recover = dict(recover)

@@ -3,7 +3,7 @@ import torch
 
 from qrecover.config import QuantConfig
 from qrecover.errors import QRecoverError
-from qrecover.models import architecture, decoder_layers, quantizable_linears
+from qrecover.models import architecture, quantizable_linears
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import capture_inputs, quantize_layer, quantize_model
 
@@ -37,7 +37,7 @@ def test_replayed_blocks_match_a_plain_forward():
     """The driver's layer outputs (replaying attention and MLP) equal a real forward of the quantized layer."""
     model = tiny_model()
     batches, kwargs = capture_inputs(model, samples(n=4), "cpu", 2)
-    layer = decoder_layers(model)[0]
+    layer = model.model.layers[0]
     cfg = QuantConfig(bits=3, group_size=32, salient=2)
     _, outputs = quantize_layer(layer, architecture(model), "model.layers.0", batches, kwargs[0], cfg, torch.Generator(), torch.float16)
     with torch.no_grad():
@@ -155,7 +155,7 @@ def test_modules_sharing_inputs_are_solved_together_exactly():
     from qrecover.pipeline import quantize_linears
     from qrecover.quant.gptq import gptq_quantize
 
-    layer = decoder_layers(tiny_model())[0]
+    layer = tiny_model().model.layers[0]
     group = {short: layer.get_submodule(short) for short in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
     n = group["self_attn.q_proj"].in_features
     stats = InputStats(n, float("inf"), hessian=True, device="cpu")

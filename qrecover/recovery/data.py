@@ -33,10 +33,6 @@ class Examples:
     truncated: int = 0  # conversations cut at max_length
     dropped: int = 0  # conversations with no response token left after the cut
 
-    @property
-    def label_tokens(self) -> int:
-        return sum(int((e["labels"] != IGNORE).sum()) for e in self.items)
-
 
 def conversation(record: dict, where: str) -> list[dict]:
     """A record as a list of {role, content} messages."""
