@@ -92,19 +92,30 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def conversation(record: dict, where: str) -> list[dict]:
+    """A record as a list of {role, content} messages."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise QRecoverError(f"{where}: every message needs `role` and `content`")
+        return [{"role": m["role"], "content": str(m["content"])} for m in messages]
+    if "instruction" in record and "output" in record:
+        prompt = str(record["instruction"]) + (f"\n\n{record['input']}" if record.get("input") else "")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["output"])}]
+    if "question" in record and "response" in record:
+        system = [{"role": "system", "content": str(record["system_prompt"])}] if record.get("system_prompt") else []
+        return system + [{"role": "user", "content": str(record["question"])}, {"role": "assistant", "content": str(record["response"])}]
+    raise QRecoverError(
+        f"{where}: a record has none of the fields qrecover reads: `text`, `messages`, `instruction` + "
+        f"`output`, or `question` + `response` (it has {sorted(record)})"
+    )
+
+
 def record_text(record: dict, where: str) -> str:
-    """Plain text of one record: its `text`, its chat `messages`, or instruction, input and output."""
+    """Plain text of one record: its `text`, or its conversation's turns one after another."""
     if "text" in record:
         return str(record["text"])
-    if "messages" in record:
-        return "\n\n".join(str(m.get("content", "")) for m in record["messages"])
-    if "instruction" in record and "output" in record:
-        parts = (record.get("instruction"), record.get("input"), record.get("output"))
-        return "\n\n".join(str(p) for p in parts if p)
-    raise QRecoverError(
-        f"{where}: a record has none of the fields qrecover reads: `text`, `messages`, or "
-        f"`instruction` + `output` (it has {sorted(record)})"
-    )
+    return "\n\n".join(m["content"] for m in conversation(record, where))
 
 
 def _hub_text(name: str, corpus: Corpus, purpose: str) -> str:

@@ -215,7 +215,7 @@ def test_bad_training_input(quantized_tiny, tiny_tokenizer, tiny_model_dir, tmp_
     empty.write_text("")
     with pytest.raises(QRecoverError, match="holds no records"):
         load_examples(str(empty), tiny_tokenizer, 64)
-    with pytest.raises(QRecoverError, match="none of `text`, `messages`"):
+    with pytest.raises(QRecoverError, match="none of the fields qrecover reads"):
         load_examples(str(_write(tmp_path / "odd.jsonl", {"prompt": "x"})), tiny_tokenizer, 64)
 
     # A checkpoint quantized without salient columns has nothing to train.

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from ..data import load_text, read_records, record_text, tokenize
+from ..data import conversation, load_text, read_records, record_text, tokenize
 from ..errors import QRecoverError
 
 IGNORE = -100
@@ -32,25 +33,6 @@ class Examples:
     kind: str  # "text" or "chat"
     truncated: int = 0  # conversations cut at max_length
     dropped: int = 0  # conversations with no response token left after the cut
-
-
-def conversation(record: dict, where: str) -> list[dict]:
-    """A record as a list of {role, content} messages."""
-    if "messages" in record:
-        messages = record["messages"]
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-            raise QRecoverError(f"{where}: every message needs `role` and `content`")
-        return [{"role": m["role"], "content": str(m["content"])} for m in messages]
-    if "instruction" in record and "output" in record:
-        prompt = str(record["instruction"]) + (f"\n\n{record['input']}" if record.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(record["output"])}]
-    if "question" in record and "response" in record:
-        system = [{"role": "system", "content": str(record["system_prompt"])}] if record.get("system_prompt") else []
-        return system + [{"role": "user", "content": str(record["question"])}, {"role": "assistant", "content": str(record["response"])}]
-    raise QRecoverError(
-        f"{where}: a record has none of `text`, `messages`, `instruction` + `output`, or `question` + "
-        f"`response` (it has {sorted(record)})"
-    )
 
 
 def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -185,18 +167,14 @@ def _chat_examples(records, source: str, tokenizer, max_length: int, limit) -> E
 
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
-    length = max(len(e["input_ids"]) for e in examples)
-    batch = {
-        "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(len(examples), length, dtype=torch.long),
-        "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+    def padded(tensors, fill):
+        return pad_sequence(tensors, batch_first=True, padding_value=fill)
+
+    return {
+        "input_ids": padded([e["input_ids"] for e in examples], pad_id),
+        "attention_mask": padded([torch.ones_like(e["input_ids"]) for e in examples], 0),
+        "labels": padded([e["labels"] for e in examples], IGNORE),
     }
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        batch["input_ids"][row, :n] = e["input_ids"]
-        batch["attention_mask"][row, :n] = 1
-        batch["labels"][row, :n] = e["labels"]
-    return batch
 
 
 class BatchOrder:
