@@ -19,15 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-NOISE_KINDS = ("gaussian", "uniform", "none")
-
-
 @dataclass
 class NoiseConfig:
     kind: str = "gaussian"
     scale: float = 1.0  # multiplies Delta / 2
     bits: int | None = None  # fixed noise bit width: Delta from a per-row b-bit grid instead of the layer's
-    seed: int = 0
 
 
 class NoiseClock:
