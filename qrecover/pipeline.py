@@ -272,7 +272,8 @@ class _Resume:
     def save(self, index: int, layer, batches, reports, seconds, elapsed: float):
         if self.dir is None:
             return
-        tensors = {k: v.contiguous().cpu() for k, v in layer.state_dict().items() if _is_quant_key(k)}
+        tensors = {f"{name}.{k}": v.contiguous().cpu() for name, m in layer.named_modules()
+                   if isinstance(m, QuantLinear) for k, v in m.state_dict().items()}
         with disk_errors(self.dir, sum(t.nbytes for t in tensors.values()) + sum(b.nbytes for b in batches or [])):
             self.dir.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(self.dir / f"layer{index:04d}.safetensors"))
@@ -285,13 +286,6 @@ class _Resume:
         self.state["seconds"] = round(self.seconds_before + elapsed, 3)
         self.file.write(self.state)
         self._inputs(index).unlink(missing_ok=True)
-
-
-_QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx", "salient_idx", "salient_weight", "bias")
-
-
-def _is_quant_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in _QUANT_KEYS
 
 
 def quantize_model(
