@@ -77,13 +77,7 @@ def _run_quantize(args):
 
     config = _config(QuantConfig, args, sym=not args.asym, group_aware=not args.no_group_aware,
                      mse_clip=not args.no_mse_clip, overrides=dict(args.override))
-
-    def show(report):
-        summary = {"out": args.out, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]}
-        for name, result in report.get("eval", {}).items():
-            summary[f"{name}_perplexity"] = round(result["perplexity"], 3)
-        _print_json(summary)
-
+    show = _summary(lambda report: {"out": args.out, "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]})
     quantize(
         args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -95,6 +89,18 @@ def _run_quantize(args):
 def _config(cls, args, **values):
     """A settings dataclass from the options named as its fields (the rest keep their defaults), and values."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)} | values)
+
+
+def _summary(fields_of):
+    """echo(result) for quantize and recover: the fields_of(result), and the perplexity of each --eval text."""
+
+    def show(result):
+        summary = fields_of(result)
+        for name, value in result.get("eval", {}).items():
+            summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
+        _print_json(summary)
+
+    return show
 
 
 def _print_json(result: dict) -> None:
@@ -237,13 +243,9 @@ def _run_recover(args):
     from .recovery.config import RecoverConfig, TrainConfig
 
     config = _config(RecoverConfig, args, train=_config(TrainConfig, args))
-
-    def show(result):  # only the main process of an `accelerate launch` reports
-        summary = {"out": result["out"], "final_loss": result["final_loss"], "trainable_params": result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]}
-        for name, value in result.get("eval", {}).items():
-            summary[f"{name}_perplexity"] = round(value["perplexity"], 3)
-        _print_json(summary)
-
+    # Only the main process of an `accelerate launch` reports.
+    show = _summary(lambda result: {"out": result["out"], "final_loss": result["final_loss"], "trainable_params":
+                                    result["recovery"]["trainable_params"], "seconds": result["recovery"]["seconds"]})
     recover(args.model, args.out, config, args.device, args.overwrite, args.eval_dataset, args.eval_windows, not args.quiet, echo=show)
 
 
