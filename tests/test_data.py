@@ -21,8 +21,10 @@ def test_local_files(tmp_path):
         json.dumps({"text": "plain"}) + "\n"
         + json.dumps({"instruction": "Do it", "input": "", "output": "Done"}) + "\n"
         + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+        + json.dumps({"instruction": "Add", "input": "2 2", "output": "4"}) + "\n"
+        + json.dumps({"system_prompt": "Be brief.", "question": "Why?", "response": "Because."}) + "\n"
     )
-    assert load_text(str(jsonl)) == "plain\n\nDo it\n\nDone\n\nhi\n\nhello"
+    assert load_text(str(jsonl)) == "plain\n\nDo it\n\nDone\n\nhi\n\nhello\n\nAdd\n\n2 2\n\n4\n\nBe brief.\n\nWhy?\n\nBecause."
 
 
 def test_bad_sources(tmp_path):
