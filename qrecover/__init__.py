@@ -32,7 +32,7 @@ _EXPORTS = {
     "save_checkpoint": "io", "load_pretrained": "models", "convert_gguf": "models",
     "reference_model_dir": "models", "calibration_samples": "data", "eval_tokens": "data",
     "load_text": "data", "perplexity": "eval.perplexity", "zeroshot": "api",
-    "paired_difference": "eval.zeroshot", "use_backend": "kernels",
+    "paired_difference": "bench.paired", "use_backend": "kernels",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -11,7 +11,8 @@ import torch
 from qrecover.cli import main
 from qrecover.errors import QRecoverError
 from qrecover.api import zeroshot
-from qrecover.eval.zeroshot import TASKS, paired_difference, parse_tasks, read_task_file
+from qrecover.bench.paired import paired_difference
+from qrecover.eval.zeroshot import TASKS, parse_tasks, read_task_file
 
 from conftest import ROOT, SHARED_DATA, tiny_model
 

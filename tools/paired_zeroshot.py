@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--json", default="runs/paired_zeroshot.json", help="where to write the results")
     args = parser.parse_args()
 
-    from qrecover.eval.zeroshot import paired_difference
+    from qrecover.bench.paired import paired_difference
 
     base = json.loads(Path(args.base).read_text())
     rows = []

@@ -33,6 +33,7 @@ from ..errors import QRecoverError
 from ..outputs import claim
 from ..resume import digest as settings_digest
 from ..utils import atomic_write_json, peak_memory_mb
+from .paired import paired_difference
 
 METHODS = ("rtn", "gptq", "gptqmodel", "awq", "salient", "gift", "lora")
 PEER_PACKAGE = {"gptqmodel": "gptqmodel", "awq": "gptqmodel"}
@@ -383,8 +384,6 @@ def _pair_with_best_peer(rows: list[dict]) -> None:
     """Give each row the paired difference of its zero-shot mean from the best baseline's at its bit
     width (the peer with the highest mean), scored on the same examples: the error of a paired
     difference counts only the questions the two disagree on, so it tells real gaps from noise."""
-    from ..eval.zeroshot import paired_difference
-
     for bits in {r["bits"] for r in rows}:
         peers = [r for r in rows if r["bits"] == bits and r["method"] in PEER_PACKAGE and r.get("zeroshot_mean") is not None]
         if not peers:
