@@ -29,33 +29,18 @@ REPORT = "quantization_report.json"
 MAX_SHARD_BYTES = 4 * 2**30
 
 
+# QuantConfig fields stored in quantization_config under their own names (the salient ones are nested);
+# every checkpoint has the first four, older ones may lack the others.
+_STORED = ("bits", "group_size", "sym", "desc_act", "method", "group_aware", "mse_clip", "damp", "seed", "overrides")
+
+
 def quantization_config(config: QuantConfig, recovery: dict | None = None, source: str | None = None) -> dict:
     """The `quantization_config` entry of config.json; source: the model it was quantized from."""
     metric = config.metric_spec
-    budget = config.salient
-    qc = {
-        "quant_method": "qrecover",
-        "format_version": FORMAT_VERSION,
-        "bits": config.bits,
-        "group_size": config.group_size,
-        "sym": config.sym,
-        "desc_act": config.desc_act,
-        "checkpoint_format": "gptq",
-        "salient": {
-            ("fraction" if isinstance(budget, float) else "count"): budget,
-            "metric": config.metric,
-            "tau": _num(metric.tau),
-            "rho": _num(metric.rho),
-            "gamma": metric.gamma,
-        },
-        "method": config.method,
-        "group_aware": config.group_aware,
-        "mse_clip": config.mse_clip,
-        "damp": config.damp,
-        "seed": config.seed,
-        "overrides": config.overrides,
-        "qrecover_version": __version__,
-    }
+    salient = {("fraction" if isinstance(config.salient, float) else "count"): config.salient, "metric": config.metric,
+               "tau": _num(metric.tau), "rho": _num(metric.rho), "gamma": metric.gamma}
+    qc = {"quant_method": "qrecover", "format_version": FORMAT_VERSION, "checkpoint_format": "gptq",
+          **{k: getattr(config, k) for k in _STORED}, "salient": salient, "qrecover_version": __version__}
     if source:
         qc["source_model"] = source
     if recovery:
@@ -75,18 +60,13 @@ def checkpoint_source(path) -> str | None:
 
 def config_from_checkpoint(qc: dict) -> QuantConfig:
     salient = qc.get("salient", {})
-    preset = QuantConfig(metric=salient.get("metric", "gift")).metric_spec
-    values = dict(
-        bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"], desc_act=qc["desc_act"],
-        salient=salient.get("count", salient.get("fraction", 0)), metric=salient.get("metric", "gift"),
-        method=qc.get("method", "gptq"), group_aware=qc.get("group_aware", True),
-        mse_clip=qc.get("mse_clip", True), damp=qc.get("damp", 0.01),
-        seed=qc.get("seed", 0), overrides=qc.get("overrides", {}),
-    )
+    defaults = QuantConfig(metric=salient.get("metric", "gift"))
+    values = {k: qc[k] if i < 4 else qc.get(k, getattr(defaults, k)) for i, k in enumerate(_STORED)}
+    values.update(salient=salient.get("count", salient.get("fraction", 0)), metric=defaults.metric)
     # Only norms that differ from the preset were overrides.
     for key in ("tau", "rho", "gamma"):
-        value = float(salient.get(key, getattr(preset, key)))
-        if value != getattr(preset, key):
+        value = float(salient.get(key, getattr(defaults.metric_spec, key)))
+        if value != getattr(defaults.metric_spec, key):
             values[key] = value
     return QuantConfig(**values)
 
