@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .config import QuantConfig
+from .config import QuantConfig, check_choice
 from .data import calibration_samples, eval_tokens, source_label
 from .errors import QRecoverError
 from .eval.fidelity import fidelity as fidelity_of
@@ -81,8 +81,7 @@ def score(model, tokenizer, texts=(), *, reference=None, seqlen: int = 2048, max
 
 
 def parse_dtype(name: str):
-    if name not in DTYPES:
-        raise QRecoverError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    check_choice(name, DTYPES, "dtype")
     return DTYPES[name]
 
 

@@ -74,10 +74,8 @@ class QuantConfig:
         self.salient = parse_salient(self.salient)
         check_bits(self.bits, "bits")
         _check_group(self.group_size)
-        if self.method not in METHODS:
-            raise QRecoverError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.metric not in METRICS:
-            raise QRecoverError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        check_choice(self.method, METHODS, "method")
+        check_choice(self.metric, METRICS, "metric")
         check_damp(self.damp)
         for norm in ("tau", "rho"):
             value = getattr(self, norm)
@@ -118,6 +116,11 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_choice(value, choices, what):
+    if value not in choices:
+        raise QRecoverError(f"{what} {value!r} is not one of {', '.join(choices)}")
 
 
 def check_bits(bits, what):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import check_choice
 from .errors import QRecoverError
 from .io import MAX_SHARD_BYTES, gptq_config, is_checkpoint, load_checkpoint, unique_tensors
 from .nn import QuantLinear
@@ -185,8 +186,7 @@ def export(checkpoint, out, to: str = "gptq-lora", dtype=torch.float16, overwrit
     gptq-lora: out/base (GPTQ v1, transformers and GPTQModel load it) + out/adapter (PEFT LoRA);
     dense: an ordinary model; gptq: the base alone, the salient columns rounded into its grid, with
     the perplexity that costs on eval_dataset (its first eval_windows windows)."""
-    if to not in FORMATS:
-        raise QRecoverError(f"--to {to!r} is not one of {', '.join(FORMATS)}")
+    check_choice(to, FORMATS, "--to")
     if dtype not in (torch.float16, torch.bfloat16):
         raise QRecoverError(f"exports hold 16-bit weights: --dtype float16 or bfloat16, not {dtype}")
     target = check_output(out, [checkpoint], overwrite)

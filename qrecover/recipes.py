@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import QuantConfig
+from .config import QuantConfig, check_choice
 from .errors import QRecoverError
 from .recovery.config import RecoverConfig, TrainConfig
 from .outputs import atomic_dir, claim
@@ -140,8 +140,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
     from . import api
     from .recovery.trainer import process_state
 
-    if until not in STAGES:
-        raise QRecoverError(f"stage {until!r} is not one of {', '.join(STAGES)}")
+    check_choice(until, STAGES, "stage")
     claim(recipe.out, "recipe")  # a new or empty folder, or one an earlier run of a recipe made
     stages = Stages(recipe)
     quantized = stages.root / "quantized"

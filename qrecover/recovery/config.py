@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..config import check_bits, parse_salient
+from ..config import check_bits, check_choice, parse_salient
 from ..errors import QRecoverError
 from ..saliency import METRICS
 
@@ -47,8 +47,7 @@ class TrainConfig:
             raise QRecoverError(f"learning rate {self.lr} must be positive")
         if not 0 <= self.warmup < 1:
             raise QRecoverError(f"warm-up fraction {self.warmup} must be in [0, 1)")
-        if self.precision not in PRECISIONS:
-            raise QRecoverError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_choice(self.precision, PRECISIONS, "precision")
 
 
 @dataclass
@@ -86,10 +85,8 @@ class RecoverConfig:
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
-        if self.method not in METHODS:
-            raise QRecoverError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.objective not in OBJECTIVES:
-            raise QRecoverError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        check_choice(self.method, METHODS, "method")
+        check_choice(self.objective, OBJECTIVES, "objective")
         if not 0 < self.kd_weight < 1:
             raise QRecoverError(f"kd weight {self.kd_weight} must be in (0, 1): the share of the KL term in kd+ce")
         if self.teacher_topk < 1:
@@ -98,8 +95,7 @@ class RecoverConfig:
             raise QRecoverError(f"self samples = {self.self_samples}: the teacher must write at least 1 sequence for data 'self'")
         if not self.self_temperature > 0 or not 0 < self.self_top_p <= 1:
             raise QRecoverError(f"sampling needs temperature > 0 and top-p in (0, 1], got {self.self_temperature} and {self.self_top_p}")
-        if self.noise not in NOISE_KINDS:
-            raise QRecoverError(f"noise {self.noise!r} is not one of {', '.join(NOISE_KINDS)}")
+        check_choice(self.noise, NOISE_KINDS, "noise")
         if self.noise_scale != "auto":
             try:
                 self.noise_scale = float(self.noise_scale)
@@ -111,8 +107,7 @@ class RecoverConfig:
             raise QRecoverError(f"pilot steps {self.pilot_steps} must be at least 1")
         if self.noise_bits is not None:
             check_bits(self.noise_bits, "noise bits")
-        if self.metric not in METRICS:
-            raise QRecoverError(f"metric {self.metric!r} is not one of {', '.join(METRICS)}")
+        check_choice(self.metric, METRICS, "metric")
         self.salient = parse_salient(self.salient)
 
     def objective_for(self, quantized: bool) -> str:
