@@ -82,6 +82,7 @@ def test_missing_peer_is_skipped_with_a_hint(tiny_model_dir, tmp_path, monkeypat
     assert "skipped gptqmodel: the no_such_package_qrecover package is not installed (pip install" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a GPTQModel quantization in a stage process (about 30 s)
 def test_gptqmodel_runs_when_the_user_asks_for_one_cpu_worker(tiny_model_dir, tmp_path, monkeypatch):
     """GPTQModel 7.7.0's loader refuses a pool of 1 worker; the peer stage raises it to 2."""
     monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "1")
@@ -89,6 +90,7 @@ def test_gptqmodel_runs_when_the_user_asks_for_one_cpu_worker(tiny_model_dir, tm
     assert [r["method"] for r in rows] == ["gptqmodel"]
 
 
+@pytest.mark.slow  # two stage processes (about 17 s)
 def test_failing_peer_is_skipped_and_the_rest_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
     broken = tmp_path / "site" / "gptqmodel"
     broken.mkdir(parents=True)
