@@ -29,9 +29,9 @@ REPORT = "quantization_report.json"
 MAX_SHARD_BYTES = 4 * 2**30
 
 
-# QuantConfig fields stored in quantization_config under their own names (the salient ones are nested);
-# every checkpoint has the first four, older ones may lack the others.
-_STORED = ("bits", "group_size", "sym", "desc_act", "method", "group_aware", "mse_clip", "damp", "seed", "overrides")
+# QuantConfig fields stored in quantization_config under their own names (the salient ones are nested).
+_REQUIRED = ("bits", "group_size", "sym", "desc_act")  # in every checkpoint
+_OPTIONAL = ("method", "group_aware", "mse_clip", "damp", "seed", "overrides")  # older checkpoints may lack these
 
 
 def quantization_config(config: QuantConfig, recovery: dict | None = None, source: str | None = None) -> dict:
@@ -40,7 +40,7 @@ def quantization_config(config: QuantConfig, recovery: dict | None = None, sourc
     salient = {("fraction" if isinstance(config.salient, float) else "count"): config.salient, "metric": config.metric,
                "tau": _num(metric.tau), "rho": _num(metric.rho), "gamma": metric.gamma}
     qc = {"quant_method": "qrecover", "format_version": FORMAT_VERSION, "checkpoint_format": "gptq",
-          **{k: getattr(config, k) for k in _STORED}, "salient": salient, "qrecover_version": __version__}
+          **{k: getattr(config, k) for k in (*_REQUIRED, *_OPTIONAL)}, "salient": salient, "qrecover_version": __version__}
     if source:
         qc["source_model"] = source
     if recovery:
@@ -61,7 +61,7 @@ def checkpoint_source(path) -> str | None:
 def config_from_checkpoint(qc: dict) -> QuantConfig:
     salient = qc.get("salient", {})
     defaults = QuantConfig(metric=salient.get("metric", "gift"))
-    values = {k: qc[k] if i < 4 else qc.get(k, getattr(defaults, k)) for i, k in enumerate(_STORED)}
+    values = {k: qc[k] for k in _REQUIRED} | {k: qc.get(k, getattr(defaults, k)) for k in _OPTIONAL}
     values.update(salient=salient.get("count", salient.get("fraction", 0)), metric=defaults.metric)
     # Only norms that differ from the preset were overrides.
     for key in ("tau", "rho", "gamma"):

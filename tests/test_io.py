@@ -132,6 +132,20 @@ def test_refuses_bad_checkpoints(quantized, tmp_path):
         load_checkpoint(out)
 
 
+def test_settings_an_older_checkpoint_lacks_read_as_their_defaults(quantized, tmp_path):
+    """Checkpoints written before method, group_aware, mse_clip, damp and seed were recorded load with
+    QuantConfig's defaults for them; the settings the checkpoint has are kept."""
+    model, tok, cfg, _ = quantized  # overrides: down_proj at 4 bits, which the packed tensors need
+    cfg = QuantConfig(**{**cfg.to_dict(), "sym": False, "damp": 0.05, "mse_clip": False, "seed": 7, "group_aware": False})
+    out = save_checkpoint(model, tok, tmp_path / "c", cfg)
+    assert load_checkpoint(out)[2] == cfg
+    config = json.loads((out / "config.json").read_text())
+    for key in ("method", "group_aware", "mse_clip", "damp", "seed"):
+        del config["quantization_config"][key]
+    (out / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(out)[2] == QuantConfig(bits=3, group_size=32, sym=False, salient=5, overrides=cfg.overrides)
+
+
 def test_quantized_modules_replace_linears(quantized, tmp_path):
     model, tok, cfg, _ = quantized
     loaded, _, _ = load_checkpoint(save_checkpoint(model, tok, tmp_path / "c", cfg))
