@@ -215,6 +215,9 @@ def _add_recover(sub):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per example: text block length, or truncation of longer conversations (default 512)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
+    p.add_argument("--scale-lr", type=float, default=0.0, help="quantized checkpoints: also train each group's scale "
+                   "(the integer codes stay; EfficientQAT's end-to-end step), at this learning rate, about the relative change "
+                   "per step, e.g. 1e-3 (default 0: frozen); with no salient columns the checkpoint stays a plain GPTQ model")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule (default 0.03)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1)")

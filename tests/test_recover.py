@@ -103,6 +103,41 @@ def test_backward_uses_the_same_noise_as_forward():
     assert torch.allclose(x.grad, w_noisy.sum(dim=1).expand(3, -1), atol=1e-4)
 
 
+def test_trained_scales_compute_and_merge_as_the_layer_they_write():
+    base = big_layer()
+    reference = base(x := torch.randn(3, 1024))
+    layer = RecoveryLayer(base, NoiseConfig("none"), NoiseClock(), layer_id=0, train_scales=True).train()
+    assert torch.allclose(layer(x), reference, atol=1e-4)  # a factor of 1 is the frozen layer
+    layer(x).pow(2).sum().backward()
+    assert layer.scale_factor.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.scale_factor.mul_(1 + 0.1 * torch.randn_like(layer.scale_factor))
+        trained = layer(x)
+    codes = base.qweight.clone()
+    merged = layer.finish()
+    assert torch.equal(merged.qweight, codes)  # the integer codes stay
+    assert torch.allclose(merged(x), trained, atol=1e-3, rtol=1e-3)  # up to the float16 of the stored scales
+    assert not torch.allclose(trained, reference, atol=1e-2)
+
+
+def test_scales_alone_recover_a_checkpoint_without_salient_columns(tiny_tokenizer, tiny_model_dir, tmp_path):
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    cfg = QuantConfig(bits=3, group_size=32, salient=0)
+    quantize_model(model, torch.randint(0, len(tiny_tokenizer), (4, 64), generator=torch.Generator().manual_seed(0)), cfg, progress=False)
+    path = save_checkpoint(model, tiny_tokenizer, tmp_path / "q3k0", cfg, source=str(tiny_model_dir))
+    with pytest.raises(QRecoverError, match="no salient columns.*--scale-lr"):
+        recover(str(path), tmp_path / "none", RecoverConfig(max_length=64), progress=False)
+    config = RecoverConfig(noise="none", max_length=64, holdout=6, train=TrainConfig(steps=8, batch_size=4, lr=3e-3, scale_lr=1e-2))
+    result = recover(str(path), tmp_path / "scales", config, progress=False)
+    held = result["recovery"]["heldout_loss"]
+    assert held["objective"] == "kd" and held["after"] < 0.95 * held["before"]
+    before, after = load_checkpoint(path)[0].state_dict(), load_checkpoint(tmp_path / "scales")[0].state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(".scales") for k in changed)
+    with pytest.raises(QRecoverError, match="not quantized"):
+        recover(str(tiny_model_dir), tmp_path / "fp", RecoverConfig(noise="none", salient=4, max_length=64, train=TrainConfig(scale_lr=1e-3)), progress=False)
+
+
 def tiny_setup(path, tokenizer, config):
     model, tok, _ = load_checkpoint(path)
     examples = load_examples("default", tok, 64, limit=64)
@@ -318,6 +353,10 @@ def test_bad_recovery_settings():
         RecoverConfig(noise_bits=5)
     with pytest.raises(QRecoverError, match="noise 'pink' is not one of"):
         RecoverConfig(noise="pink")
+    with pytest.raises(QRecoverError, match="scale-lr.*--noise none"):
+        RecoverConfig(noise="gaussian", train=TrainConfig(scale_lr=1e-3))
+    with pytest.raises(QRecoverError, match="scale learning rate -1"):
+        TrainConfig(scale_lr=-1)
 
 
 @pytest.fixture

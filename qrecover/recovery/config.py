@@ -25,6 +25,9 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
+    # > 0: a quantized checkpoint's group scales train too (their integer codes stay), as a factor per
+    # scale with this learning rate: about its relative change per step. 0: the scales stay frozen.
+    scale_lr: float = 0.0
     weight_decay: float = 0.0
     warmup: float = 0.03  # fraction of the steps
     max_grad_norm: float = 1.0
@@ -45,6 +48,8 @@ class TrainConfig:
                 raise QRecoverError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise QRecoverError(f"learning rate {self.lr} must be positive")
+        if not self.scale_lr >= 0:
+            raise QRecoverError(f"scale learning rate {self.scale_lr} must be >= 0 (0: frozen scales)")
         if not 0 <= self.warmup < 1:
             raise QRecoverError(f"warm-up fraction {self.warmup} must be in [0, 1)")
         check_choice(self.precision, PRECISIONS, "precision")
@@ -96,6 +101,9 @@ class RecoverConfig:
         if not self.self_temperature > 0 or not 0 < self.self_top_p <= 1:
             raise QRecoverError(f"sampling needs temperature > 0 and top-p in (0, 1], got {self.self_temperature} and {self.self_top_p}")
         check_choice(self.noise, NOISE_KINDS, "noise")
+        if self.train.scale_lr and (self.method != "gift" or self.noise != "none"):
+            raise QRecoverError("--scale-lr trains the scales beside the salient columns: use --method gift --noise none "
+                                "(GIFT-SW's noise is defined on frozen weights)")
         if self.noise_scale != "auto":
             try:
                 self.noise_scale = float(self.noise_scale)

@@ -6,8 +6,11 @@ holds the trainable float32 copy of its salient columns and computes
 
     y = x @ (W_frozen + E) + x[:, salient_idx] @ salient_weight^T + bias
 
-with E the quantization noise of noise.py in training mode and E = 0 in eval mode. `finish()` writes
-the trained columns back into the base, in their storage dtype, and returns it.
+with E the quantization noise of noise.py in training mode and E = 0 in eval mode. With scale training
+(EfficientQAT's end-to-end training of the quantization parameters) the step of every group is
+trained too, as scales * scale_factor, over the fixed integer codes: no noise then, since the weight
+is no longer frozen. `finish()` writes the trained columns (and scales) back into the base, in their
+storage dtype, and returns it.
 
 `SalientLinear` is an ordinary nn.Linear split the same way, for GIFT-SW as a parameter-efficient
 fine-tuning method on an unquantized model; `merged()` turns it back into an nn.Linear.
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..format import dequantize_weight
 from ..kernels import torch_ref
 from ..nn import QuantLinear
 from .noise import NoiseClock, NoiseConfig, frozen_matmul, row_step
@@ -70,9 +74,10 @@ SALIENT_LAYERS = (QuantLinear, SalientLinear)
 
 
 class RecoveryLayer(nn.Module):
-    """A QuantLinear or SalientLinear in training: only `salient_weight` (float32) is trainable."""
+    """A QuantLinear or SalientLinear in training: `salient_weight` (float32) is trainable, and with
+    train_scales (QuantLinear only) `scale_factor`, one float32 factor per group and output."""
 
-    def __init__(self, base: nn.Module, noise: NoiseConfig, clock: NoiseClock, layer_id: int):
+    def __init__(self, base: nn.Module, noise: NoiseConfig, clock: NoiseClock, layer_id: int, train_scales: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -80,6 +85,10 @@ class RecoveryLayer(nn.Module):
         self.noise, self.clock, self.layer_id = noise, clock, layer_id
         # A fixed noise bit width takes Delta from its own per-row grid of the frozen part.
         self.fixed_step = row_step(base.frozen_t(torch.float32), base.salient_idx, noise.bits) if noise.bits else None
+        self.scale_factor = nn.Parameter(torch.ones(base.scales.shape)) if train_scales else None
+        if train_scales:  # code - zero of every weight, as int8: the part of the dense weight that stays fixed
+            units = dequantize_weight(base.qweight, base.qzeros, torch.ones_like(base.scales), base.g_idx, base.bits, base.in_features, torch.float32)
+            self.register_buffer("units_t", units.to(torch.int8), persistent=False)
 
     @property
     def n_salient(self) -> int:
@@ -90,6 +99,9 @@ class RecoveryLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
+        if self.scale_factor is not None:
+            step_t = (base.scales.float() * self.scale_factor)[base.g_idx.long()]
+            return torch_ref.mixed_linear(x, (self.units_t * step_t).to(x.dtype), base.salient_idx, self.salient_weight, base.bias)
         noise = self.noise if self.training else None
         # A layer that holds its dense weight has traded memory for speed already: keep W + E too.
         keep = isinstance(base, QuantLinear) and kernels.holds_dense(base)
@@ -97,7 +109,10 @@ class RecoveryLayer(nn.Module):
         return torch_ref.add_columns(y, x, base.salient_idx, self.salient_weight, base.bias)
 
     def finish(self) -> nn.Module:
-        """The base layer with the trained columns written in, in their storage dtype."""
+        """The base layer with the trained columns (and scales) written in, in their storage dtype."""
         dtype = self.base.salient_weight.dtype
         self.base.salient_weight = nn.Parameter(self.salient_weight.detach().to(dtype), requires_grad=False)
+        if self.scale_factor is not None:
+            self.base.scales.copy_((self.base.scales.float() * self.scale_factor.detach()).to(self.base.scales.dtype))
+            kernels.hold_dense(self.base, None)  # a held dense copy has the old scales
         return self.base

@@ -2,7 +2,8 @@
 
 Methods:
 - gift:  train only the 16-bit salient columns (RecoveryLayer); the frozen rest computes as it is
-         (noise "none", the default) or with GIFT-SW's quantization noise (noise "gaussian");
+         (noise "none", the default) or with GIFT-SW's quantization noise (noise "gaussian"); with
+         scale_lr > 0 the quantization scales train too;
 - lora:  LoRA adapters (peft) on every projection, quantized weights and salient columns frozen;
 - full:  full fine-tuning (unquantized models only).
 
@@ -74,13 +75,16 @@ def start(model, config: RecoverConfig, clock: NoiseClock, noise_scale: float | 
             p.requires_grad_(True)
     elif config.method == "gift":
         modules = salient_modules(model)
-        if not modules or sum(m.n_salient for m in modules) == 0:
-            raise QRecoverError("the model has no salient columns: nothing to train (quantize with --salient > 0)")
+        train_scales = config.train.scale_lr > 0
+        if train_scales and not is_quantized(model):
+            raise QRecoverError("--scale-lr trains the quantization scales of a qrecover checkpoint; this model is not quantized")
+        if not modules or (sum(m.n_salient for m in modules) == 0 and not train_scales):
+            raise QRecoverError("the model has no salient columns: nothing to train (quantize with --salient > 0, or train the scales: --scale-lr)")
         scale = config.noise_scale if noise_scale is None else noise_scale
         noise = NoiseConfig(config.noise, scale, config.noise_bits)
         names = {m: n for n, m in model.named_modules()}
         for i, m in enumerate(modules):
-            model.set_submodule(names[m], RecoveryLayer(m, noise, clock, i))
+            model.set_submodule(names[m], RecoveryLayer(m, noise, clock, i, train_scales))
         if config.train_norms:
             for name, p in model.named_parameters():
                 if "norm" in name:

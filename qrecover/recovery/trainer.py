@@ -124,12 +124,16 @@ def train(model, examples, pad_id: int, config: TrainConfig, objective, settings
     # The objective applies the autocast of config.precision itself (losses in float32).
     process_state()
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="no")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise QRecoverError("nothing to train: the model has no trainable parameters (no salient columns?)")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The scale factors of layer.py (relative: about 1) learn at their own rate; nothing decays them.
+    scales = [p for n, p in named if n.endswith("scale_factor")]
+    groups = [{"params": [p for n, p in named if not n.endswith("scale_factor")]}, {"params": scales, "lr": config.scale_lr, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay)
     # Every process resumes from the saved state (its optimizer moments and step included); only the
     # main one writes it.
     work = WorkDir(work_dir, settings)
