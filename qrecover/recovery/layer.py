@@ -81,7 +81,8 @@ class RecoveryLayer(nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.salient_weight = nn.Parameter(base.salient_weight.detach().float())
+        # A layer without columns trains none (under DDP a parameter without a gradient is an error).
+        self.salient_weight = nn.Parameter(base.salient_weight.detach().float(), requires_grad=base.n_salient > 0)
         self.noise, self.clock, self.layer_id = noise, clock, layer_id
         # A fixed noise bit width takes Delta from its own per-row grid of the frozen part.
         self.fixed_step = row_step(base.frozen_t(torch.float32), base.salient_idx, noise.bits) if noise.bits else None
