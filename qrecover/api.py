@@ -279,7 +279,8 @@ def recover(
         visits = config.train.steps * config.train.grad_accum * process.num_processes
         visited = sorted({i for position in range(visits) for i in order.indices(position)})
         teacher.fill([examples.items[i] for i in visited] + held_out, pad_id)
-    hold_dense_weights(net, config.cache_weights)  # see RecoverConfig.cache_weights
+    # See RecoverConfig.cache_weights; layers that train their scales rebuild the weight anyway.
+    hold_dense_weights(net, config.cache_weights and not config.train.scale_lr)
     pilots = None
     if config.noise_scale == "auto":
         noise_scale, pilots = _pick_noise_scale(net, examples, held_out, pad_id, config, objective, clock)

@@ -230,7 +230,7 @@ def _add_recover(sub):
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16: forward and backward under bfloat16 autocast "
                    "(the head too; softmaxes, losses, trained columns and optimizer in float32); auto (default): bf16 on CUDA, fp32 on CPU")
     p.add_argument("--cache-weights", action="store_true", help="keep the dequantized frozen weights during training: "
-                   "faster steps, for a float32 copy of the quantized weights in memory")
+                   "faster steps, for a float32 copy of the quantized weights in memory (nothing with --scale-lr: those weights change)")
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints (default 50; 0 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the noise")
     p.add_argument("--device", help="training device (default: cuda if available, else cpu)")
