@@ -1,14 +1,14 @@
 """Text for calibration, training and evaluation: named corpora, local files, an embedded default.
 
-A source is a path (.txt, or .jsonl/.json of records), "default" (the corpus shipped inside the
-package, so the tool works offline) or a corpus name. Named corpora are read from the project's
-shared data folder when it is there (tests and benchmarks) and otherwise from the `datasets` hub.
+A source is a path (.txt, or .jsonl/.json of records), "default" (the calibration corpus shipped
+inside the package) or a corpus name. WikiText-2 ships inside the package too (assets/README.md),
+so the default calibration, training and evaluation texts work offline; the other corpora come
+from the `datasets` hub.
 """
 from __future__ import annotations
 
 import json
 import lzma
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,44 +16,41 @@ import torch
 
 from .errors import QRecoverError
 
-DEFAULT_CORPUS = Path(__file__).parent / "assets" / "wikitext2-valid.txt.xz"
+ASSETS = Path(__file__).parent / "assets"
+DEFAULT_CORPUS = "wikitext2-valid.txt.xz"
+
+
+# Corpora shipped in the package: (name, purpose) -> file in ASSETS. WikiText-2's validation split
+# stands in for its train split as calibration text (the same text as `default`): the package ships
+# no train split, and every result in docs/BENCHMARKS.md calibrated on the validation split.
+EMBEDDED = {("wikitext2", "calib"): DEFAULT_CORPUS, ("wikitext2", "eval"): "wikitext2-raw-test.txt.xz"}
 
 
 @dataclass(frozen=True)
 class Corpus:
+    """A corpus read from the `datasets` hub."""
+
     hub: tuple  # positional arguments of datasets.load_dataset
     field: str
     joiner: str
     splits: dict  # purpose ("calib" or "eval") -> hub split
-    local: dict  # purpose -> file name in the shared data folder
     data_files: dict | None = None
 
 
 CORPORA = {
-    "wikitext2": Corpus(
-        ("wikitext", "wikitext-2-raw-v1"), "text", "\n\n", {"calib": "train", "eval": "test"},
-        # The shared folder has no train split: its validation split is the calibration text there.
-        {"calib": "wikitext2-valid.txt", "eval": "wikitext2-raw-test.txt"},
-    ),
     "c4": Corpus(
-        ("allenai/c4",), "text", "\n\n", {"calib": "train", "eval": "validation"}, {},
+        ("allenai/c4",), "text", "\n\n", {"calib": "train", "eval": "validation"},
         {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"},
     ),
-    "pile": Corpus(("mit-han-lab/pile-val-backup",), "text", "\n\n", {"calib": "validation", "eval": "validation"}, {}),
-    "ptb": Corpus(("ptb_text_only", "penn_treebank"), "sentence", " ", {"calib": "train", "eval": "test"}, {}),
+    "pile": Corpus(("mit-han-lab/pile-val-backup",), "text", "\n\n", {"calib": "validation", "eval": "validation"}),
+    "ptb": Corpus(("ptb_text_only", "penn_treebank"), "sentence", " ", {"calib": "train", "eval": "test"}),
 }
+NAMED = ("wikitext2", *CORPORA)
 
 
-def shared_data_dir() -> Path | None:
-    """QRECOVER_DATA_DIR, else ../shared/data beside the project root, when it exists."""
-    env = os.environ.get("QRECOVER_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return path if path.is_dir() else None
-
-
-def shared_file(name: str) -> Path | None:
-    root = shared_data_dir()
-    return root / name if root is not None and (root / name).is_file() else None
+def embedded_text(name: str) -> str:
+    """A text file shipped (xz-compressed) in the package's assets."""
+    return lzma.decompress((ASSETS / name).read_bytes()).decode("utf-8").replace("\r\n", "\n")
 
 
 def read_text_file(path: Path) -> str:
@@ -139,17 +136,16 @@ def load_text(source: str, purpose: str = "calib") -> str:
     """All text of a source; purpose picks the split of a named corpus ("calib" or "eval")."""
     source = str(source)
     if source == "default":
-        text = lzma.decompress(DEFAULT_CORPUS.read_bytes()).decode("utf-8").replace("\r\n", "\n")
+        text = embedded_text(DEFAULT_CORPUS)
+    elif (source.lower(), purpose) in EMBEDDED:
+        text = embedded_text(EMBEDDED[source.lower(), purpose])
     elif source.lower() in CORPORA:
-        name = source.lower()
-        corpus = CORPORA[name]
-        local = shared_file(corpus.local.get(purpose, "")) if corpus.local.get(purpose) else None
-        text = read_text_file(local) if local else _hub_text(name, corpus, purpose)
+        text = _hub_text(source.lower(), CORPORA[source.lower()], purpose)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise QRecoverError(
-                f"text source {source!r} is neither a file nor one of: default, {', '.join(CORPORA)}"
+                f"text source {source!r} is neither a file nor one of: default, {', '.join(NAMED)}"
             )
         if path.suffix in (".jsonl", ".json"):
             text = "\n\n".join(record_text(r, str(path)) for r in read_records(path))

@@ -15,7 +15,10 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Small real task files (tests/data/README.md): the tests never read ../shared or a dataset hub.
+TEST_DATA = ROOT / "tests" / "data"
+ARC_EASY = TEST_DATA / "arc-easy-test-100.jsonl"
+PIQA = TEST_DATA / "piqa-valid-100.jsonl"
 
 
 def tiny_config(hidden=80, intermediate=144, layers=2, vocab=300, heads=4, kv_heads=2, **kw):
@@ -88,13 +91,6 @@ def smollm2_dir():
     from qrecover.models import reference_model_dir
 
     return reference_model_dir()
-
-
-@pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the shared data folder {SHARED_DATA} is missing (see shared/data/README.md)")
-    return SHARED_DATA
 
 
 def pytest_collection_modifyitems(items):

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from conftest import PIQA
 
 from qrecover.bench.compare import Comparison, run_compare, stage_dir
 from qrecover.errors import QRecoverError
@@ -11,7 +12,7 @@ from qrecover.bench.footprint import bits_per_weight
 
 
 @pytest.mark.slow
-def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_path, shared_data, capsys):
+def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_path, capsys):
     cmp = Comparison(
         model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4],
         methods=["rtn", "gptq", "gptqmodel", "salient", "gift", "lora"], salient="5%",
@@ -48,7 +49,7 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
 
     # Asking for zero-shot tasks afterwards re-evaluates the saved checkpoints and rebuilds none of them.
     built = {f: f.stat().st_mtime for m in by_method for f in (stage_dir(cmp, m, 4) / "model").iterdir()}
-    tasks = dataclasses.replace(cmp, tasks=[f"piqa={shared_data / 'piqa-valid.jsonl'}"], limit=3)
+    tasks = dataclasses.replace(cmp, tasks=[f"piqa={PIQA}"], limit=3)
     rescored = {r["method"]: r for r in run_compare(tasks, progress=False)}
     assert built == {f: f.stat().st_mtime for f in built}
     for m, r in rescored.items():
@@ -182,7 +183,7 @@ def test_full_preset_time_scales_each_measured_part_by_its_work():
 
 
 @pytest.mark.slow
-def test_grid_and_solver_options_reach_qrecover_and_gptqmodel(tiny_model_dir, tmp_path, shared_data):
+def test_grid_and_solver_options_reach_qrecover_and_gptqmodel(tiny_model_dir, tmp_path):
     cmp = Comparison(model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4], methods=["gptq", "gptqmodel"],
                      sym=False, mse_clip=False, damp=0.07)
     run_compare(cmp, progress=False)

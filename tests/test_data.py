@@ -1,9 +1,11 @@
+import hashlib
 import json
+import lzma
 
 import pytest
 import torch
 
-from qrecover.data import calibration_samples, eval_tokens, load_text, record_text
+from qrecover.data import ASSETS, calibration_samples, eval_tokens, load_text, record_text
 from qrecover.errors import QRecoverError
 
 
@@ -57,10 +59,20 @@ def test_calibration_text_too_short(tiny_tokenizer, tmp_path):
         calibration_samples(tiny_tokenizer, str(short), 8, 512)
 
 
-def test_wikitext2_comes_from_the_shared_folder(tiny_tokenizer, shared_data):
-    text = load_text("wikitext2", "eval")
-    assert text == (shared_data / "wikitext2-raw-test.txt").read_bytes().decode().replace("\r\n", "\n")
-    assert load_text("wikitext2", "calib").startswith(" \n = Homarus gammarus")
+def test_wikitext2_is_embedded_byte_for_byte(tiny_tokenizer, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("wikitext2 must not reach the hub"))
+    # SHA-256 of the released files (qrecover/assets/README.md); the texts read have "\n" line ends.
+    for purpose, name, digest in [
+        ("eval", "wikitext2-raw-test.txt.xz", "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"),
+        ("calib", "wikitext2-valid.txt.xz", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+    ]:
+        released = lzma.decompress((ASSETS / name).read_bytes())
+        assert hashlib.sha256(released).hexdigest() == digest
+        assert load_text("wikitext2", purpose) == released.decode().replace("\r\n", "\n")
+    assert load_text("wikitext2", "eval").startswith(" = Robert Boulter = \n")
+    assert load_text("wikitext2", "calib") == load_text("default")
     assert eval_tokens(tiny_tokenizer, "wikitext2").shape[0] == 1
 
 

@@ -41,7 +41,7 @@ def same_to_3_digits(a: float, b: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_dir, shared_data):
+def smollm2(smollm2_dir):
     model, tokenizer = load_pretrained(str(smollm2_dir))
     return model, tokenizer, eval_tokens(tokenizer, "wikitext2")
 

@@ -18,7 +18,7 @@ from qrecover.io import load_checkpoint, save_checkpoint
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
 
-from conftest import ROOT, SHARED_DATA, tiny_model
+from conftest import PIQA, ROOT, tiny_model
 
 IDS = torch.arange(40).view(2, 20) % 250
 
@@ -98,7 +98,7 @@ def test_lm_eval_hf_backend_scores_a_checkpoint(checkpoint, tmp_path):
     import lm_eval
 
     standard = Path(lm_eval.__file__).parent / "tasks" / "piqa" / "piqa.yaml"
-    rows = (SHARED_DATA / "piqa-valid.jsonl").read_text().splitlines()[:6]
+    rows = PIQA.read_text().splitlines()[:6]
     (tmp_path / "piqa.jsonl").write_text("\n".join(rows) + "\n")
     tasks = tmp_path / "tasks"
     tasks.mkdir()

