@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .errors import QRecoverError
+from .format import ZERO_OFFSETS, checkpoint_format
 from .saliency import METRICS, Metric, resolve_metric
 
 VALID_BITS = (2, 3, 4, 8)
@@ -101,6 +102,16 @@ class QuantConfig:
         """Whether quantizing needs calibration inputs: GPTQ's Hessian or the activations that choose
         salient columns. Round to nearest without salient columns reads only the weights."""
         return self.method == "gptq" or bool(self.salient) or any(o.get("salient") for o in self.overrides.values())
+
+    @property
+    def checkpoint_format(self) -> str:
+        """The GPTQ format the grid is written in (format.checkpoint_format)."""
+        return checkpoint_format(self.sym)
+
+    @property
+    def zero_offset(self) -> int:
+        """What qzeros subtract from the zero points in that format."""
+        return ZERO_OFFSETS[self.checkpoint_format]
 
     @property
     def metric_spec(self) -> Metric:

@@ -2,7 +2,8 @@
 dense model, or a GPTQ model with the salient columns rounded into its grid.
 
 Format v1 stores the codes at salient positions as the zero point, so the low-bit part is an
-ordinary GPTQ v1 weight, and the 16-bit part `salient_weight @ x[salient_idx]` is exactly a LoRA of
+ordinary GPTQ weight (written as GPTQ v1 for symmetric grids, v2 for asymmetric ones, in groups
+every GPTQ kernel takes: as_served_gptq), and the 16-bit part `salient_weight @ x[salient_idx]` is exactly a LoRA of
 rank k: A (r x in) holds a single 1 per row at a salient column, B (out x r) = salient_weight, both
 padded with zeros to a rank r that vLLM serves, lora_alpha = r (scale 1).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,11 +20,11 @@ from torch import nn
 
 from .config import check_choice
 from .errors import QRecoverError
-from .io import MAX_SHARD_BYTES, gptq_config, is_checkpoint, load_checkpoint, unique_tensors
+from .format import pack_codes, pack_zeros, unpack_codes
+from .io import MAX_SHARD_BYTES, gptq_config, is_checkpoint, load_checkpoint, store_zeros_as, unique_tensors
 from .nn import QuantLinear
 from .outputs import atomic_dir, check_output
 from .quant.grid import fit_grid, quantize
-from .format import pack_codes, pack_zeros, unpack_codes, unpack_zeros
 
 FORMATS = ("gptq-lora", "dense", "gptq")
 # The LoRA ranks vLLM accepts for --max-lora-rank.
@@ -125,7 +127,7 @@ def round_salient_into_grid(q: QuantLinear, sym: bool) -> None:
     maxq = 2**q.bits - 1
     weight = q.dequantize(torch.float32)  # [out, in], the salient columns included
     codes = unpack_codes(q.qweight, q.bits, q.in_features)  # [in, out]
-    zeros = unpack_zeros(q.qzeros, q.bits, q.out_features)  # [groups, out]
+    zeros = q.zeros()  # [groups, out]
     g_idx = q.g_idx.long()
     for group in g_idx[q.salient_idx.long()].unique().tolist():
         cols = torch.nonzero(g_idx == group).flatten()
@@ -134,9 +136,38 @@ def round_salient_into_grid(q: QuantLinear, sym: bool) -> None:
         q.scales[group] = scale.squeeze(1).half()
         zeros[group] = zero.squeeze(1).long()
     q.qweight.copy_(pack_codes(codes, q.bits))
-    q.qzeros.copy_(pack_zeros(zeros, q.bits))
+    q.set_zeros(zeros)
     q.salient_idx = torch.zeros(0, dtype=torch.int32)
     q.salient_weight = nn.Parameter(q.salient_weight.new_zeros(q.out_features, 0), requires_grad=False)
+
+
+def served_group_size(layers, group_size: int) -> int:
+    """The group size a GPTQ base is written with: the checkpoint's, or where some layer's input size
+    is not a multiple of it (SmolLM2's 576 at g128: a partial last group), its largest divisor that
+    divides every input size (64 there). GPTQ kernels (GPTQModel's, vLLM's, Marlin, ExLlama) refuse
+    a partial group; the smaller groups repeat their parent's scale and zero point: the same weights,
+    (16 + bits) / group_size more bits per weight for the repeats."""
+    if group_size == -1 or all(q.in_features % group_size == 0 for q in layers):
+        return group_size
+    return math.gcd(group_size, *(q.in_features for q in layers))
+
+
+def split_groups(q: QuantLinear, group_size: int, served: int) -> None:
+    """Store q's groups of group_size (g_idx = k // group_size) as groups of served, a divisor of it."""
+    K = q.in_features
+    if served == group_size:
+        return
+    if not torch.equal(q.g_idx.long(), torch.arange(K) // group_size):
+        raise QRecoverError(
+            f"a layer with {K} inputs has act-order groups (--desc-act) with a partial group, which GPTQ "
+            f"kernels refuse: export it --to dense, or quantize with a group size that divides {K}"
+        )
+    parent = torch.arange(math.ceil(K / served)) * served // group_size
+    zeros = q.zeros()[parent]
+    q.scales = q.scales[parent].contiguous()
+    q.qzeros = torch.zeros(len(parent), q.qzeros.shape[1], dtype=torch.int32)
+    q.set_zeros(zeros)
+    q.g_idx.copy_(torch.arange(K) // served)
 
 
 def _base_tensors(model, dtype) -> dict:
@@ -150,14 +181,26 @@ def _base_tensors(model, dtype) -> dict:
     return out
 
 
-def _write_base(model, tokenizer, config, dtype, where: Path) -> None:
+def as_served_gptq(model, config) -> int:
+    """Lay every quantized layer out as the GPTQ base stores it: zero points in the grid's format
+    (v1 for symmetric grids, v2 for asymmetric ones), groups every GPTQ kernel takes; returns
+    that group size. The layers compute the same."""
+    store_zeros_as(model, config)
+    layers = list(_quant_linears(model).values())
+    group_size = served_group_size(layers, config.group_size)
+    for q in layers:
+        split_groups(q, config.group_size, group_size)
+    return group_size
+
+
+def _write_base(model, tokenizer, config, group_size: int, dtype, where: Path) -> None:
     where.mkdir(exist_ok=True)
     model.save_pretrained(where, max_shard_size=MAX_SHARD_BYTES, state_dict=_base_tensors(model, dtype))
     hf_config = copy.deepcopy(model.config)
-    hf_config.quantization_config = gptq_config(config)
+    hf_config.quantization_config = gptq_config(config, group_size)
     hf_config.dtype = dtype
     hf_config.save_pretrained(where)
-    (where / "quantize_config.json").write_text(json.dumps(gptq_config(config), indent=2) + "\n")
+    (where / "quantize_config.json").write_text(json.dumps(gptq_config(config, group_size), indent=2) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(where)
     tokenizer.save_pretrained(where)
@@ -183,7 +226,7 @@ def export(checkpoint, out, to: str = "gptq-lora", dtype=torch.float16, overwrit
            eval_dataset: str | None = "wikitext2", eval_windows: int = 4, progress: bool = True) -> dict:
     """Export a checkpoint (or a LoRA recovery on one) to `out`; returns what was written.
 
-    gptq-lora: out/base (GPTQ v1, transformers and GPTQModel load it) + out/adapter (PEFT LoRA);
+    gptq-lora: out/base (GPTQ, transformers and GPTQModel load it) + out/adapter (PEFT LoRA);
     dense: an ordinary model; gptq: the base alone, the salient columns rounded into its grid, with
     the perplexity that costs on eval_dataset (its first eval_windows windows)."""
     check_choice(to, FORMATS, "--to")
@@ -221,14 +264,16 @@ def export(checkpoint, out, to: str = "gptq-lora", dtype=torch.float16, overwrit
             cost["after"] = perplexity(model, tokens, max_windows=eval_windows, progress=progress)["perplexity"]
             result["perplexity"] = {"dataset": eval_dataset, "windows": eval_windows, **cost}
         result["rounded_columns"] = rounded
-        atomic_dir(target, lambda tmp: _write_base(model, tokenizer, config, dtype, tmp), overwrite, kind="gptq export")
+        result["group_size"] = group_size = as_served_gptq(model, config)
+        atomic_dir(target, lambda tmp: _write_base(model, tokenizer, config, group_size, dtype, tmp), overwrite, kind="gptq export")
         return result
 
     ranks, tensors = adapter_parts(model, lora, dtype)
     result["ranks"] = dict(Counter(ranks.values()))
+    result["group_size"] = group_size = as_served_gptq(model, config)
 
     def build(tmp: Path):
-        _write_base(model, tokenizer, config, dtype, tmp / "base")
+        _write_base(model, tokenizer, config, group_size, dtype, tmp / "base")
         if not tensors:
             return  # k = 0 and no trained adapter: the base is the whole model
         from safetensors.torch import save_file

@@ -1,11 +1,14 @@
-"""The GPTQ v1 tensor format, in one place: bit packing, stored zero points, the solver's result.
+"""The GPTQ tensor format, in one place: bit packing, stored zero points, the solver's result.
 
 Packing: every 32 consecutive codes form one little-endian bit stream of 32 * b bits, stored as b int32
 words; code v occupies bits [v*b, (v+1)*b) of the stream. For b = 2, 4, 8 no code crosses a word;
 for b = 3 two codes per 32 do (the 10-1-10-1-10 layout of GPTQ's 3-bit format). The stream of n
 codes takes ceil(n * b / 32) words, the shape GPTQ tools expect; bits past the last code are zero.
-Zero points: qzeros packs them along the output dimension and stores zero - 1 (GPTQ v1's
-convention, which GPTQ tools undo on load), so a stored zero point is at least ZERO_OFFSET.
+Zero points: qzeros packs them along the output dimension and stores zero - offset, where the
+offset is 1 in GPTQ v1 (`checkpoint_format: gptq`, which every GPTQ reader takes) and 0 in v2
+(`gptq_v2`, the raw zero). v1 cannot hold a zero point of 0, so GPTQModel refuses asymmetric v1
+files it did not write itself; qrecover writes symmetric grids as v1 and asymmetric ones as v2.
+Its grids never make a zero point below 1, so a layer converts between the two without loss.
 nn, kernels, io and export read and write the format only through this module.
 """
 from __future__ import annotations
@@ -17,7 +20,13 @@ import torch
 
 WORD_BITS = 32
 _MASK = (1 << WORD_BITS) - 1
-ZERO_OFFSET = 1  # qzeros holds zero - ZERO_OFFSET
+ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> qzeros holds zero - offset
+MIN_ZERO = 1  # the smallest zero point qrecover's grids make: what v1 can hold
+
+
+def checkpoint_format(sym: bool) -> str:
+    """The GPTQ format qrecover writes a grid in: v1 when symmetric, v2 when asymmetric."""
+    return "gptq" if sym else "gptq_v2"
 
 
 def packed_length(n: int, bits: int) -> int:
@@ -62,20 +71,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return ((low | high) & (2**bits - 1)).reshape(-1, m)[:n]
 
 
-def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQ v1 qzeros [n_groups, packed_length(out)] from integer zero points [n_groups, out]."""
-    return pack_codes((zeros.t() - ZERO_OFFSET).round().long(), bits).t()
+def pack_zeros(zeros: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
+    """qzeros [n_groups, packed_length(out)] from integer zero points [n_groups, out], stored as zero - offset."""
+    return pack_codes((zeros.t() - offset).round().long(), bits).t()
 
 
-def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
-    """Integer zero points [n_groups, out] (int64) from GPTQ v1 qzeros."""
-    return unpack_codes(qzeros.t(), bits, out_features).t() + ZERO_OFFSET
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int, offset: int) -> torch.Tensor:
+    """Integer zero points [n_groups, out] (int64) from qzeros that store zero - offset."""
+    return unpack_codes(qzeros.t(), bits, out_features).t() + offset
 
 
-def dequantize_weight(qweight, qzeros, scales, g_idx, bits: int, in_features: int, dtype) -> torch.Tensor:
+def dequantize_weight(qweight, qzeros, scales, g_idx, bits: int, in_features: int, zero_offset: int, dtype) -> torch.Tensor:
     """The dense part of a layer, transposed: [in, out] in dtype (scale * (code - zero) per group)."""
     codes = unpack_codes(qweight, bits, in_features)
-    zeros = unpack_zeros(qzeros, bits, scales.shape[1])
+    zeros = unpack_zeros(qzeros, bits, scales.shape[1], zero_offset)
     g = g_idx.long()
     return scales[g].to(dtype) * (codes - zeros[g]).to(dtype)
 

@@ -95,12 +95,12 @@ class QRecoverHfQuantizer(HfQuantizer):
             raise QRecoverError("a qrecover checkpoint loads from its safetensors files; none were found")
         # io imports nn, kernels and models: imported here, so that registering (done when
         # transformers is imported, see qrecover/__init__) never waits on a module mid-import.
-        from .io import check_quantization_config, config_from_checkpoint, install_quant_linears
+        from .io import check_quantization_config, config_from_checkpoint, install_quant_linears, zero_offset
 
         path = Path(checkpoint_files[0]).parent
         qc = self.quantization_config.to_dict()
         check_quantization_config(qc, path)
-        install_quant_linears(model, _tensor_headers(checkpoint_files), config_from_checkpoint(qc), path)
+        install_quant_linears(model, _tensor_headers(checkpoint_files), config_from_checkpoint(qc), zero_offset(qc), path)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # transformers' loader makes every floating parameter it fills trainable; the 16-bit

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from ._version import __version__
 from .config import QuantConfig
 from .errors import QRecoverError
+from .format import ZERO_OFFSETS
 from .models import quantizable_linears, read_config, refuse_partial_load
 from .nn import QuantLinear
 from .outputs import atomic_dir
@@ -39,7 +40,7 @@ def quantization_config(config: QuantConfig, recovery: dict | None = None, sourc
     metric = config.metric_spec
     salient = {("fraction" if isinstance(config.salient, float) else "count"): config.salient, "metric": config.metric,
                "tau": _num(metric.tau), "rho": _num(metric.rho), "gamma": metric.gamma}
-    qc = {"quant_method": "qrecover", "format_version": FORMAT_VERSION, "checkpoint_format": "gptq",
+    qc = {"quant_method": "qrecover", "format_version": FORMAT_VERSION, "checkpoint_format": config.checkpoint_format,
           **{k: getattr(config, k) for k in (*_REQUIRED, *_OPTIONAL)}, "salient": salient, "qrecover_version": __version__}
     if source:
         qc["source_model"] = source
@@ -87,14 +88,23 @@ def unique_tensors(model) -> dict:
     return out
 
 
-def gptq_config(config: QuantConfig) -> dict:
-    """The GPTQ v1 description of a grid (quantize_config.json, and config.json's quantization_config
-    of an export); a checkpoint gets quantize_config.json only when no layer keeps 16-bit columns."""
+def gptq_config(config: QuantConfig, group_size: int | None = None) -> dict:
+    """The GPTQ description of a grid (quantize_config.json, and config.json's quantization_config
+    of an export, which may store it in smaller groups); a checkpoint gets quantize_config.json only
+    when no layer keeps 16-bit columns."""
     return {
-        "bits": config.bits, "group_size": config.group_size, "desc_act": config.desc_act,
-        "sym": config.sym, "quant_method": "gptq", "checkpoint_format": "gptq",
+        "bits": config.bits, "group_size": group_size or config.group_size, "desc_act": config.desc_act,
+        "sym": config.sym, "quant_method": "gptq", "checkpoint_format": config.checkpoint_format,
         "damp_percent": config.damp, "true_sequential": True,
     }
+
+
+def store_zeros_as(model, config: QuantConfig) -> None:
+    """Store every layer's zero points in the GPTQ format of config's grid (lossless: v1 <-> v2),
+    e.g. a layer loaded from an older asymmetric checkpoint, written in v1."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.zero_offset != config.zero_offset:
+            m.set_zeros(m.zeros(), config.zero_offset)
 
 
 def save_checkpoint(
@@ -104,6 +114,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a quantized model as checkpoint format v1; extras(dir) may add files. Returns the directory."""
 
+    store_zeros_as(model, config)
     needed = sum(t.nbytes for t in unique_tensors(model).values())
 
     def build(tmp: Path):
@@ -145,9 +156,20 @@ def check_quantization_config(qc: dict | None, path) -> None:
             f"{path} uses checkpoint format version {version}; this qrecover ({__version__}) reads "
             f"version {FORMAT_VERSION}: upgrade qrecover"
         )
+    stored = qc.get("checkpoint_format")
+    if stored not in ZERO_OFFSETS:
+        raise QRecoverError(
+            f"{path}: quantization_config's checkpoint_format is {stored!r}, not one of {', '.join(ZERO_OFFSETS)}: "
+            "restore config.json as qrecover wrote it"
+        )
 
 
-def install_quant_linears(model, tensors: dict, config: QuantConfig, path) -> list[str]:
+def zero_offset(qc: dict) -> int:
+    """What the checkpoint's qzeros subtract from the zero points (checked by check_quantization_config)."""
+    return ZERO_OFFSETS[qc["checkpoint_format"]]
+
+
+def install_quant_linears(model, tensors: dict, config: QuantConfig, zero_offset: int, path) -> list[str]:
     """Replace every quantizable linear of model by a QuantLinear built from its checkpoint tensors.
 
     Takes the layers' tensors out of `tensors` (the rest belongs to the other modules) and returns
@@ -159,7 +181,7 @@ def install_quant_linears(model, tensors: dict, config: QuantConfig, path) -> li
         quantized.append(name + ".")
         own = {k[len(name) + 1 :]: tensors.pop(k) for k in list(tensors) if k.startswith(name + ".")}
         try:
-            q = QuantLinear.from_tensors(own, config.resolve(name, linear.in_features).bits)
+            q = QuantLinear.from_tensors(own, config.resolve(name, linear.in_features).bits, zero_offset)
         except QRecoverError as e:
             raise QRecoverError(f"{path}: {name}: {e}; the checkpoint is truncated or not a qrecover one") from e
         if (q.in_features, q.out_features) != (linear.in_features, linear.out_features):

@@ -184,7 +184,7 @@ def quantize_linears(modules: dict, prefix: str, stats: InputStats | None, confi
         for short, W, chosen_scores in members:
             own = result.rows(row, row + W.shape[0])
             row += W.shape[0]
-            qlinear = QuantLinear.from_result(own, modules[short].bias, salient_dtype)
+            qlinear = QuantLinear.from_result(own, modules[short].bias, salient_dtype, config.zero_offset)
             done[short] = qlinear, {
                 "module": f"{prefix}.{short}",
                 "bits": bits,
@@ -231,7 +231,8 @@ def quantize_layer(layer, arch: Architecture, prefix: str, batches, kwargs, conf
 
 def _resume_settings(config: QuantConfig, samples: torch.Tensor | None) -> dict:
     calibration = None if samples is None else hashlib.sha256(samples.numpy().tobytes()).hexdigest()
-    return {"quantization": config.to_dict(), "calibration": calibration}
+    # The format of the saved layers' zero points: a work folder of an older qrecover (v1 only) is refused.
+    return {"quantization": config.to_dict(), "checkpoint_format": config.checkpoint_format, "calibration": calibration}
 
 
 class _Resume:
@@ -258,7 +259,7 @@ class _Resume:
                 prefix = short + "."
                 own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
                 bits = config.resolve(f"{arch.layers}.{i}.{short}", linear.in_features).bits
-                layers[i].set_submodule(short, QuantLinear.from_tensors(own, bits))
+                layers[i].set_submodule(short, QuantLinear.from_tensors(own, bits, config.zero_offset))
         if not inputs:
             return None
         saved = load_file(self._inputs(self.done), device=str(device))

@@ -47,13 +47,16 @@ def test_three_bit_codes_cross_words():
     assert (words[1, 0] >> 31) == 0b1 and (words[2, 0] & 0b11) == 0b01
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_zero_points_are_stored_minus_one(bits):
-    """GPTQ v1's qzeros hold zero - 1, packed along the output dimension, as GPTQ tools read them."""
-    from qrecover.format import pack_zeros, unpack_zeros
+def test_zero_points_are_stored_as_the_format_says(bits, fmt):
+    """qzeros hold zero - 1 in GPTQ v1 and the zero itself in v2, packed along the output dimension."""
+    from qrecover.format import ZERO_OFFSETS, pack_zeros, unpack_zeros
 
+    offset = {"gptq": 1, "gptq_v2": 0}[fmt]
+    assert ZERO_OFFSETS[fmt] == offset
     zeros = torch.randint(1, 2**bits, (3, 96))
-    qzeros = pack_zeros(zeros, bits)
+    qzeros = pack_zeros(zeros, bits, offset)
     assert qzeros.shape == (3, packed_length(96, bits))
-    assert torch.equal(reference_pack((zeros - 1).t(), bits).t().to(torch.int32), qzeros)
-    assert torch.equal(unpack_zeros(qzeros, bits, 96), zeros)
+    assert torch.equal(reference_pack((zeros - offset).t(), bits).t().to(torch.int32), qzeros)
+    assert torch.equal(unpack_zeros(qzeros, bits, 96, offset), zeros)

@@ -163,6 +163,8 @@ def test_a_checkpoint_written_by_the_hand_written_saver_still_loads():
     expected = load_file(old / "expected_logits.safetensors")
     model, _, config = load_checkpoint(old)
     assert config.bits == 3 and model.model.layers[1].mlp.down_proj.bits == 4
+    # The same logits up to float32 summation order (the CPU's kernels differ: 2e-7 on an AMD EPYC);
+    # one zero point read off by one moves them by orders of magnitude more.
     with torch.no_grad():
-        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(old)(expected["ids"]).logits, expected["logits"])
+        torch.testing.assert_close(model(expected["ids"]).logits, expected["logits"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(old)(expected["ids"]).logits, expected["logits"], rtol=0, atol=1e-5)

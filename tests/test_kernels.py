@@ -48,17 +48,18 @@ for _fn in (triton_mm._mixed_matmul_kernel, tl.zeros):
     assert isinstance(_fn, interpreter.InterpretedFunction), f"{_fn} was decorated before TRITON_INTERPRET=1"
 
 
-def random_layer(K, N, bits, group_size, k, bias=True, act_order=False, salient_dtype=torch.float16):
-    """A layer with random codes, zeros, scales and salient columns, as checkpoint format v1 allows."""
+def random_layer(K, N, bits, group_size, k, bias=True, act_order=False, salient_dtype=torch.float16, zero_offset=1):
+    """A layer with random codes, zeros, scales and salient columns, as checkpoint format v1 allows;
+    qzeros as GPTQ v1 (zero_offset 1) or v2 (0) store them."""
     n_groups = 1 if group_size == -1 else -(-K // group_size)
     g_idx = torch.arange(K) // (K if group_size == -1 else group_size)
     if act_order:
         g_idx = g_idx[torch.randperm(K)]
-    stored_zeros = torch.randint(0, 2**bits - 1, (n_groups, N))  # v1 stores zero - 1
+    stored_zeros = torch.randint(0, 2**bits - 1, (n_groups, N))  # zero - zero_offset
     codes = torch.randint(0, 2**bits, (K, N))
     salient_idx = torch.randperm(K)[:k].sort().values
-    codes[salient_idx] = stored_zeros[g_idx[salient_idx]] + 1  # the dense part is 0 there
-    layer = QuantLinear(K, N, bits, n_groups, k, bias, salient_dtype)
+    codes[salient_idx] = stored_zeros[g_idx[salient_idx]] + zero_offset  # the dense part is 0 there
+    layer = QuantLinear(K, N, bits, n_groups, k, bias, salient_dtype, zero_offset)
     layer.qweight.copy_(pack_codes(codes, bits))
     layer.qzeros.copy_(pack_codes(stored_zeros.t(), bits).t())
     layer.scales.copy_(torch.rand(n_groups, N) * 0.02 / 2**bits + 1e-4)
@@ -75,8 +76,8 @@ def assert_matches_reference(layer, x, y, weights_rounded=False):
     holds them, and the dense weight exact or (weights_rounded: tl.dot and cuBLAS paths) rounded to the
     input dtype as torch_ref rounds it. What remains is the output's rounding and float32 summation."""
     x64 = x.reshape(-1, layer.in_features).double()
-    dense = dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(x.dtype), layer.g_idx,
-                                        layer.bits, layer.in_features, x.dtype if weights_rounded else torch.float64)
+    dense = dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(x.dtype), layer.g_idx, layer.bits,
+                              layer.in_features, layer.zero_offset, x.dtype if weights_rounded else torch.float64)
     dense = dense.double()
     ref = torch_ref.add_columns(x64 @ dense, x64, layer.salient_idx, layer.salient_weight.to(x.dtype).double(),
                                 None if layer.bias is None else layer.bias.to(x.dtype).double())
@@ -108,7 +109,8 @@ def test_triton_kernels_match_the_reference(bits, dtype):
     for shape in SHAPES:
         shape = dict(shape)
         M = shape.pop("M")
-        layer = random_layer(bits=bits, **shape)
+        # Both zero-point formats, GPTQ v1 and v2 (one per dtype, to keep the interpreter's time).
+        layer = random_layer(bits=bits, zero_offset=int(dtype == torch.float16), **shape)
         # A row stride larger than K, as a slice of a wider activation gives.
         x = torch.randn(M, layer.in_features + 5, dtype=dtype)[:, : layer.in_features]
         for method in ("fused", "dequantize"):
@@ -155,7 +157,7 @@ def test_dispatch_runs_triton_when_forced(monkeypatch):
 def test_torch_backend_matches_the_reference(M):
     # act-order groups with salient columns, a partial last group; M = 40 and 300 take the two
     # chunked strategies (scale the outputs / scale the weights).
-    layer = random_layer(1000, 96, 3, 128, 24, act_order=M == 40)
+    layer = random_layer(1000, 96, 3, 128, 24, act_order=M == 40, zero_offset=int(M != 300))  # M = 300: GPTQ v2
     x = torch.randn(M, 1000, dtype=torch.float64)
     with kernels.use_backend("torch"):
         y = layer(x)

@@ -70,15 +70,15 @@ def test_held_dense_gives_the_same_output():
 def test_from_tensors_round_trip_and_errors():
     _, layer, _ = quantized_layer(3)
     tensors = dict(layer.state_dict())
-    again = QuantLinear.from_tensors(tensors, 3)
+    again = QuantLinear.from_tensors(tensors, 3, 1)
     x = torch.randn(2, 80)
     assert torch.equal(again(x), layer(x)) and again.bits == 3
     with pytest.raises(QRecoverError, match="missing tensors"):
-        QuantLinear.from_tensors({k: v for k, v in tensors.items() if k != "qzeros"}, 3)
+        QuantLinear.from_tensors({k: v for k, v in tensors.items() if k != "qzeros"}, 3, 1)
     bad = dict(tensors, scales=tensors["scales"][:1])
     with pytest.raises(QRecoverError, match=r"qzeros is \(3, 5\).*expected \(1, 5\)"):
-        QuantLinear.from_tensors(bad, 3)
+        QuantLinear.from_tensors(bad, 3, 1)
     with pytest.raises(QRecoverError, match=r"qweight is \(8, 48\).*expected \(10, 48\).*4-bit"):
-        QuantLinear.from_tensors(tensors, 4)
+        QuantLinear.from_tensors(tensors, 4, 1)
     with pytest.raises(QRecoverError, match="unexpected tensors"):
-        QuantLinear.from_tensors(dict(tensors, extra=torch.zeros(1)), 3)
+        QuantLinear.from_tensors(dict(tensors, extra=torch.zeros(1)), 3, 1)

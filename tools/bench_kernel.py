@@ -134,7 +134,7 @@ def check_correctness(device) -> list[dict]:
                 x = torch.randn(M, K, device=device, dtype=dtype)
                 x64 = x.double()
                 dense = dequantize_weight(layer.qweight, layer.qzeros, layer.scales.to(dtype), layer.g_idx,
-                                                    bits, K, torch.float64)
+                                          bits, K, layer.zero_offset, torch.float64)
                 ref = torch_ref.add_columns(x64 @ dense, x64, layer.salient_idx, layer.salient_weight.to(dtype).double(), None)
                 for method in ("fused", "dequantize"):
                     out = torch.full((M, N), float("nan"), device=device, dtype=dtype)

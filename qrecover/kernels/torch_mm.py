@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import torch_ref
 from .cache import derived
-from ..format import unpack_codes, unpack_zeros
+from ..format import unpack_codes
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 per temporary: stays in a CPU core's L2/L3
 
@@ -38,7 +38,7 @@ def grouped_codes(layer) -> GroupedCodes:
     K, N, n_groups = layer.in_features, layer.out_features, layer.scales.shape[0]
     codes = unpack_codes(layer.qweight, layer.bits, K)
     g_idx = layer.g_idx.long()
-    d = codes - unpack_zeros(layer.qzeros, layer.bits, N)[g_idx]
+    d = codes - layer.zeros()[g_idx]
     keep = torch.ones(K, dtype=torch.bool, device=d.device)
     keep[layer.salient_idx.long()] = False
     rows = keep.nonzero().squeeze(1)

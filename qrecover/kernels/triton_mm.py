@@ -30,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..format import ZERO_OFFSET
 from .cache import derived
 
 BLOCKS = tl.constexpr(16)  # 32-row blocks per weight tile: the K of each slice's tl.dot (>= 16)
@@ -38,7 +37,6 @@ TILE_K = 32 * BLOCKS.value  # input rows per weight tile
 FUSED_MAX_M = 64  # up to this many rows the fused kernel runs; above, dequantize + cuBLAS
 PROGRAMS_PER_SM = 4  # split K until a launch has about this many programs per SM
 DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_ZERO_OFFSET = tl.constexpr(ZERO_OFFSET)
 
 
 @triton.jit
@@ -53,9 +51,9 @@ def _code(lo, hi, SHIFT: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS: tl.constexpr):
+def _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """2^23 + the zero points of groups g at output columns n (broadcast together) as float32, from
-    GPTQ v1 qzeros, which packs along the output dimension and stores zero - ZERO_OFFSET."""
+    GPTQ qzeros, which packs along the output dimension and stores zero - ZERO_OFFSET (1 in v1, 0 in v2)."""
     bit = (n % 32) * BITS
     ptr = qzeros_ptr + g * zero_stride + (n // 32) * BITS + bit // 32
     shift = (bit % 32).to(tl.uint32)
@@ -64,7 +62,7 @@ def _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS: tl.constexpr):
         spill = mask & (shift + BITS > 32)
         hi = tl.load(ptr + 1, mask=spill, other=0).to(tl.uint32, bitcast=True)
         v = v | tl.where(spill, hi << ((32 - shift) % 32), 0)
-    return ((v & ((1 << BITS) - 1)) + _ZERO_OFFSET).to(tl.float32) + 8388608.0
+    return ((v & ((1 << BITS) - 1)) + ZERO_OFFSET).to(tl.float32) + 8388608.0
 
 
 @triton.jit
@@ -75,9 +73,10 @@ def _words(qweight_ptr, row, n, n_mask, N, word_rows):
 
 
 @triton.jit
-def _group_params(qzeros_ptr, scales_ptr, g, n, mask, N, zero_stride, BITS: tl.constexpr, DTYPE: tl.constexpr):
+def _group_params(qzeros_ptr, scales_ptr, g, n, mask, N, zero_stride, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                  DTYPE: tl.constexpr):
     """(2^23 + zero, scale) as float32 at groups g, columns n; the scale rounded to DTYPE as torch_ref does."""
-    zero = _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS)
+    zero = _zero_points(qzeros_ptr, g, n, mask, zero_stride, BITS, ZERO_OFFSET)
     scale = tl.load(scales_ptr + g * N + n, mask=mask, other=0).to(DTYPE).to(tl.float32)
     return zero, scale
 
@@ -116,7 +115,7 @@ def _use_slice(acc, part, w, k, k_mask, x_ptr, w_out_ptr, n, n_mask, m, m_mask, 
 @triton.jit
 def _dense_tile(acc, t, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, x_ptr, w_out_ptr,
                 n, n_mask, m, m_mask, N, K, word_rows, zero_stride, stride_xm, group_size,
-                BITS: tl.constexpr, DTYPE: tl.constexpr, TRIVIAL_GROUPS: tl.constexpr,
+                BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, DTYPE: tl.constexpr, TRIVIAL_GROUPS: tl.constexpr,
                 BLOCK_M: tl.constexpr, WRITE_WEIGHT: tl.constexpr):
     """Weight tile t (input rows TILE_K*t ...) meets x: returns acc + tile^T @ x^T ([BLOCK_N, BLOCK_M]);
     with BLOCK_M = 1, acc + tile^T * x elementwise ([BLOCK_N, BLOCKS], summed by the caller); with
@@ -127,7 +126,7 @@ def _dense_tile(acc, t, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, x_ptr, w
     part = tl.zeros_like(acc)  # gemv: (q - z) x summed per block, scaled once per tile
     if TRIVIAL_GROUPS:  # g_idx = k // group_size with group_size % 32 == 0: a block is in one group
         zero, scale = _group_params(qzeros_ptr, scales_ptr, (row0 // group_size)[None, :], n[:, None],
-                                    n_mask[:, None] & (row0 < K)[None, :], N, zero_stride, BITS, DTYPE)
+                                    n_mask[:, None] & (row0 < K)[None, :], N, zero_stride, BITS, ZERO_OFFSET, DTYPE)
         lo = _words(qweight_ptr, block * BITS, n, n_mask, N, word_rows)
         for j in tl.static_range(BITS):  # word j of every block ...
             hi = lo
@@ -149,7 +148,7 @@ def _dense_tile(acc, t, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, x_ptr, w
             k_mask = k < K
             g = tl.load(g_idx_ptr + k, mask=k_mask, other=0)
             zero, scale = _group_params(qzeros_ptr, scales_ptr, g[None, :], n[:, None],
-                                        n_mask[:, None] & k_mask[None, :], N, zero_stride, BITS, DTYPE)
+                                        n_mask[:, None] & k_mask[None, :], N, zero_stride, BITS, ZERO_OFFSET, DTYPE)
             w = (_slice_code(qweight_ptr, block, p, n, n_mask, N, word_rows, BITS) - zero) * scale
             acc, part = _use_slice(acc, part, w, k, k_mask, x_ptr, w_out_ptr, n, n_mask, m, m_mask,
                                    N, stride_xm, DTYPE, BLOCK_M, WRITE_WEIGHT)
@@ -188,7 +187,7 @@ def _mixed_matmul_kernel(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, salient_idx_ptr, salient_w_ptr, bias_ptr,
     y_ptr, workspace_ptr, arrivals_ptr,
     M, N, K, n_salient, word_rows, zero_stride, stride_xm, group_size, tiles_per_split,
-    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+    BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
     TRIVIAL_GROUPS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """y^T tile (pid 0: columns, pid 1: rows) over the K-split pid 2 of tl.num_programs(2)."""
@@ -204,7 +203,7 @@ def _mixed_matmul_kernel(
     for t in range(first, tl.minimum(first + tiles_per_split, tl.cdiv(K, 32 * BLOCKS))):
         acc = _dense_tile(acc, t, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, x_ptr, y_ptr,
                           n, n_mask, m, m_mask, N, K, word_rows, zero_stride, stride_xm, group_size,
-                          BITS, DTYPE, TRIVIAL_GROUPS, BLOCK_M, False)
+                          BITS, ZERO_OFFSET, DTYPE, TRIVIAL_GROUPS, BLOCK_M, False)
     # The few salient tiles are dealt round-robin to the splits, to keep their work even.
     for t in range(pid_s, tl.cdiv(n_salient, BLOCKS), tl.num_programs(2)):
         acc = _salient_tile(acc, t, x_ptr, salient_idx_ptr, salient_w_ptr, n, n_mask, m, m_mask, n_salient,
@@ -232,13 +231,14 @@ def _mixed_matmul_kernel(
 @triton.jit
 def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, w_out_ptr,
                        N, K, word_rows, zero_stride, group_size,
-                       BITS: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr, TRIVIAL_GROUPS: tl.constexpr):
+                       BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
+                       TRIVIAL_GROUPS: tl.constexpr):
     """The dense part deq(qweight) [K, N] in DTYPE, one weight tile per program (no x involved)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     no_rows = tl.arange(0, 1)
     _dense_tile(tl.zeros((BLOCK_N, 1), dtype=tl.float32), tl.program_id(1), qweight_ptr, qzeros_ptr, scales_ptr,
                 g_idx_ptr, w_out_ptr, w_out_ptr, n, n < N, no_rows, no_rows < 0, N, K, word_rows, zero_stride, 0,
-                group_size, BITS, DTYPE, TRIVIAL_GROUPS, 1, True)
+                group_size, BITS, ZERO_OFFSET, DTYPE, TRIVIAL_GROUPS, 1, True)
 
 
 def group_layout(layer) -> tuple[bool, int]:
@@ -303,7 +303,7 @@ def fused(layer, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x2, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.salient_idx, layer.salient_weight.contiguous(), bias,
         out, sums, arrivals,
         M, N, K, layer.n_salient, layer.qweight.shape[0], layer.qzeros.shape[1], x2.stride(0), group_size, per_split,
-        BITS=layer.bits, BLOCK_M=block_m, BLOCK_N=block_n, DTYPE=DTYPES[x2.dtype],
+        BITS=layer.bits, ZERO_OFFSET=layer.zero_offset, BLOCK_M=block_m, BLOCK_N=block_n, DTYPE=DTYPES[x2.dtype],
         TRIVIAL_GROUPS=trivial, HAS_BIAS=layer.bias is not None, SPLIT_K=split,
         num_warps=4,
     )
@@ -319,7 +319,8 @@ def dequantize(layer, dtype: torch.dtype) -> torch.Tensor:
     _dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, TILE_K))](
         layer.qweight, layer.qzeros, layer.scales, layer.g_idx, w,
         N, K, layer.qweight.shape[0], layer.qzeros.shape[1], group_size,
-        BITS=layer.bits, BLOCK_N=block_n, DTYPE=DTYPES[dtype], TRIVIAL_GROUPS=trivial, num_warps=4,
+        BITS=layer.bits, ZERO_OFFSET=layer.zero_offset, BLOCK_N=block_n, DTYPE=DTYPES[dtype], TRIVIAL_GROUPS=trivial,
+        num_warps=4,
     )
     if layer.n_salient:  # the dense part is exactly 0 there
         w.index_copy_(0, layer.salient_idx.long(), layer.salient_weight.t().to(dtype))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import ZERO_OFFSET
+from ..format import MIN_ZERO
 
 # The clip search tries ranges p * [min, max]: a coarse pass over p = 1, 0.95, ..., 0.25, then
 # steps of 0.01 around each row's best coarse p (25 trials instead of 80 for the same resolution).
@@ -39,8 +39,8 @@ def _range_to_grid(lo, hi, maxq: int, sym: bool):
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
-        # GPTQ v1 checkpoints store zero - ZERO_OFFSET, which cannot hold a smaller zero point.
-        zero = torch.round(-lo / scale).clamp(ZERO_OFFSET, maxq)
+        # Never below what GPTQ v1 holds: every checkpoint converts between v1 and v2 without loss.
+        zero = torch.round(-lo / scale).clamp(MIN_ZERO, maxq)
     return scale, zero
 
 

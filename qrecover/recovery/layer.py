@@ -88,7 +88,8 @@ class RecoveryLayer(nn.Module):
         self.fixed_step = row_step(base.frozen_t(torch.float32), base.salient_idx, noise.bits) if noise.bits else None
         self.scale_factor = nn.Parameter(torch.ones(base.scales.shape)) if train_scales else None
         if train_scales:  # code - zero of every weight, as int8: the part of the dense weight that stays fixed
-            units = dequantize_weight(base.qweight, base.qzeros, torch.ones_like(base.scales), base.g_idx, base.bits, base.in_features, torch.float32)
+            units = dequantize_weight(base.qweight, base.qzeros, torch.ones_like(base.scales), base.g_idx, base.bits,
+                                      base.in_features, base.zero_offset, torch.float32)
             self.register_buffer("units_t", units.to(torch.int8), persistent=False)
 
     @property
