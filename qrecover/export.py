@@ -146,7 +146,7 @@ def served_group_size(layers, group_size: int) -> int:
     is not a multiple of it (SmolLM2's 576 at g128: a partial last group), its largest divisor that
     divides every input size (64 there). GPTQ kernels (GPTQModel's, vLLM's, Marlin, ExLlama) refuse
     a partial group; the smaller groups repeat their parent's scale and zero point: the same weights,
-    (16 + bits) / group_size more bits per weight for the repeats."""
+    with the repeated scales and zeros on disk."""
     if group_size == -1 or all(q.in_features % group_size == 0 for q in layers):
         return group_size
     return math.gcd(group_size, *(q.in_features for q in layers))
@@ -163,15 +163,13 @@ def split_groups(q: QuantLinear, group_size: int, served: int) -> None:
             f"kernels refuse: export it --to dense, or quantize with a group size that divides {K}"
         )
     parent = torch.arange(math.ceil(K / served)) * served // group_size
-    zeros = q.zeros()[parent]
+    q.qzeros = pack_zeros(q.zeros()[parent], q.bits, q.zero_offset)
     q.scales = q.scales[parent].contiguous()
-    q.qzeros = torch.zeros(len(parent), q.qzeros.shape[1], dtype=torch.int32)
-    q.set_zeros(zeros)
     q.g_idx.copy_(torch.arange(K) // served)
 
 
 def _base_tensors(model, dtype) -> dict:
-    """The GPTQ v1 tensors of every quantized layer and the model's other tensors in dtype."""
+    """The GPTQ tensors of every quantized layer and the model's other tensors in dtype."""
     out = {}
     for name, t in unique_tensors(model).items():
         leaf = name.rsplit(".", 1)[-1]

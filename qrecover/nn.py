@@ -68,7 +68,7 @@ class QuantLinear(nn.Module):
         m = cls(in_f, out_f, result.bits, result.scales.shape[0], len(result.salient_idx), bias is not None,
                 salient_dtype, zero_offset)
         m.qweight.copy_(pack_codes(result.codes.t(), result.bits))
-        m.qzeros.copy_(pack_zeros(result.zeros, result.bits, zero_offset))
+        m.set_zeros(result.zeros)
         m.scales.copy_(result.scales.half())
         m.g_idx.copy_(result.g_idx)
         m.salient_idx.copy_(result.salient_idx)

@@ -88,6 +88,32 @@ def test_plain_gptq_checkpoint_is_marked_for_gptq_tools(tiny_tokenizer, tmp_path
     assert compat == {**compat, "bits": 4, "group_size": 32, "quant_method": "gptq", "checkpoint_format": "gptq"}
 
 
+def test_asymmetric_grids_are_stored_as_gptq_v2_and_older_v1_layers_are_converted(tiny_tokenizer, tmp_path):
+    """An asymmetric checkpoint holds raw zeros (GPTQ v2); a layer still in v1 (as an older asymmetric
+    checkpoint loads) is written as v2 too, computing the same."""
+    from safetensors.torch import load_file
+
+    from qrecover.format import unpack_zeros
+
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    cfg = QuantConfig(bits=4, group_size=32, sym=False)
+    quantize_model(model, torch.randint(0, 250, (2, 32)), cfg, progress=False)
+    expected = logits(model)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(q.zero_offset == 0 for q in layers)
+    zeros = [q.zeros() for q in layers]
+    for q in layers[::2]:  # half of them as an older checkpoint stored them: zero - 1
+        q.set_zeros(q.zeros(), 1)
+    assert torch.equal(logits(model), expected)
+    out = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", cfg)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    stored = load_file(out / "model.safetensors")
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, q, zero in zip(names, layers, zeros):
+        assert torch.equal(unpack_zeros(stored[f"{name}.qzeros"], 4, q.out_features, 0), zero), name
+    assert torch.equal(logits(load_checkpoint(out)[0]), expected)
+
+
 def test_refuses_bad_checkpoints(quantized, tmp_path):
     model, tok, cfg, _ = quantized
     out = save_checkpoint(model, tok, tmp_path / "ckpt", cfg)
