@@ -21,7 +21,7 @@ from .io import REPORT, checkpoint_source, is_checkpoint, load_checkpoint, save_
 from .models import load_pretrained
 from .nn import hold_dense_weights
 from .pipeline import quantize_model
-from .recovery.config import NOISE_PILOT_SCALES, RecoverConfig
+from .recovery.config import NOISE_PILOT_SCALES, RecoverConfig, native_bf16
 from .recovery.data import BatchOrder, load_examples, mix, parse_sources
 from .recovery.model import (
     add_lora, add_salient_columns, finish, is_quantized, load_lora, lora_rank_for, merge_salient, recovery_summary,
@@ -272,6 +272,9 @@ def recover(
         config.lora_rank = rank
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     net.to(device)
+    if config.train.precision == "bf16" and not native_bf16(device):
+        print(f"qrecover: {device} has no bfloat16 arithmetic (CUDA, or a CPU with AMX or AVX512-BF16): bf16 is "
+              "emulated here, many times slower than fp32; --precision auto trains in float32", file=sys.stderr)
     objective = Objective(kind, teacher, config.kd_weight, config.train.bf16_on(device))
     if teacher is not None and config.teacher_cache:
         # Once, for the examples training will visit and the held-out ones; pilots and reruns reuse it.
@@ -299,6 +302,7 @@ def recover(
     # The seconds cover every run: this one and the training steps of interrupted earlier ones.
     summary = recovery_summary(config, examples, trainable, state.seconds_before + time.perf_counter() - start_time)
     summary["objective_used"] = kind
+    summary["precision_used"] = "bf16" if objective.bf16 else "fp32"
     if teacher is not None:
         summary["teacher"] = {"model": teacher.spec, "digest": teacher.digest, "cache": config.teacher_cache}
     if pilots is not None:

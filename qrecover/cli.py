@@ -228,7 +228,8 @@ def _add_recover(sub):
     p.add_argument("--metric", default="gift", choices=sorted(METRICS), help="unquantized models: salient-column metric (default gift)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save memory")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16: forward and backward under bfloat16 autocast "
-                   "(the head too; softmaxes, losses, trained columns and optimizer in float32); auto (default): bf16 on CUDA, fp32 on CPU")
+                   "(the head too; softmaxes, losses, trained columns and optimizer in float32); auto (default): bf16 where the hardware multiplies bfloat16 "
+                   "(CUDA, CPUs with AMX or AVX512-BF16), fp32 elsewhere")
     p.add_argument("--cache-weights", action="store_true", help="keep the dequantized frozen weights during training: "
                    "faster steps, for a float32 copy of the quantized weights in memory (nothing with --scale-lr: those weights change)")
     p.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints (default 50; 0 = none)")

@@ -378,20 +378,34 @@ def test_distillation_pulls_the_student_toward_its_teacher(quantized_tiny, other
     assert held["objective"] == "kd" and held["after"] < 0.9 * held["before"]
 
 
-def test_bfloat16_distillation_follows_the_float32_loss_curve(quantized_tiny, other_teacher, tmp_path):
+def test_bfloat16_distillation_follows_the_float32_loss_curve(quantized_tiny, other_teacher, tmp_path, monkeypatch, capsys):
     """bf16 autocast (the head included) against float32, same start, data and steps: every step's
-    loss within 0.5% (measured: 0.07%), and both lower the held-out KL alike."""
+    loss within 0.5% (measured: 0.07%), and both lower the held-out KL alike. On a CPU without
+    bfloat16 arithmetic (as here, made so) auto trains in float32, and an explicit bf16 says it is emulated."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     runs = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("auto", "bf16"):
         config = RecoverConfig(teacher=str(other_teacher), noise="none", max_length=64, holdout=6,
                                train=TrainConfig(steps=6, batch_size=4, lr=3e-3, precision=precision))
         result = recover(str(quantized_tiny), tmp_path / precision, config, progress=False)
         log = json.loads((tmp_path / precision / "recovery_log.json").read_text())["log"]
         runs[precision] = ([r["loss"] for r in log], result["recovery"]["heldout_loss"])
-    (fp32, held32), (bf16, held16) = runs["fp32"], runs["bf16"]
+        assert result["recovery"]["precision_used"] == ("fp32" if precision == "auto" else "bf16")
+        assert ("bf16 is emulated here" in capsys.readouterr().err) == (precision == "bf16")
+    (fp32, held32), (bf16, held16) = runs["auto"], runs["bf16"]
     assert fp32 != bf16  # bf16 really ran
     assert bf16 == pytest.approx(fp32, rel=0.005)
     assert held16["after"] == pytest.approx(held32["after"], rel=0.005) and held16["after"] < 0.9 * held16["before"]
+
+
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bfloat16(monkeypatch):
+    train = TrainConfig(precision="auto")
+    for amx, avx512_bf16 in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert train.bf16_on("cpu") == (amx or avx512_bf16)
+        assert TrainConfig(precision="bf16").bf16_on("cpu") and not TrainConfig(precision="fp32").bf16_on("cpu")
 
 
 def test_under_bfloat16_the_head_multiplies_in_bfloat16_and_the_losses_see_float32():

@@ -65,7 +65,7 @@ def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_check
     _, _, tokens, full = reference
     _, path = w4_checkpoint
     # The default: distillation from the recorded source model, which lowers the held-out KL to it.
-    config = RecoverConfig(data="wikitext2", max_length=256, holdout=4, train=TrainConfig(steps=4, batch_size=2, lr=1e-4, precision="bf16"))
+    config = RecoverConfig(data="wikitext2", max_length=256, holdout=4, train=TrainConfig(steps=4, batch_size=2, lr=1e-4, precision="auto"))
     result = recover(str(path), tmp_path / "rec", config, progress=False)
     held = result["recovery"]["heldout_loss"]
     assert held["objective"] == "kd" and held["after"] < 0.97 * held["before"], held
