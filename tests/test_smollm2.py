@@ -64,8 +64,9 @@ def test_quantize_save_load_evaluate(reference, w4_checkpoint):
 def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_checkpoint, smollm2_dir, tmp_path):
     _, _, tokens, full = reference
     _, path = w4_checkpoint
-    # The default: distillation from the recorded source model, which lowers the held-out KL to it.
-    config = RecoverConfig(data="wikitext2", max_length=256, holdout=4, train=TrainConfig(steps=4, batch_size=2, lr=1e-4, precision="auto"))
+    # The default: distillation from the recorded source model, which lowers the held-out KL to it
+    # (measured on an AVX2 CPU in float32: 3.6% lower in 8 steps; 4 steps gave 3.0%, at the bound).
+    config = RecoverConfig(data="wikitext2", max_length=256, holdout=4, train=TrainConfig(steps=8, batch_size=2, lr=1e-4))
     result = recover(str(path), tmp_path / "rec", config, progress=False)
     held = result["recovery"]["heldout_loss"]
     assert held["objective"] == "kd" and held["after"] < 0.97 * held["before"], held
