@@ -56,7 +56,7 @@ def checkpoint(request, smollm2, smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected(checkpoint, smollm2):
+def checkpoint_output(checkpoint, smollm2):
     """What qrecover computes with the checkpoint, once per bit width for every export of it."""
     return ours(checkpoint, smollm2[2])
 
@@ -97,9 +97,9 @@ def check_same_model(model, expected_logits, expected_ppl, tokens):
     return ppl
 
 
-def test_gptq_base_with_lora_adapter_computes_the_checkpoint(checkpoint, expected, smollm2, tmp_path):
+def test_gptq_base_with_lora_adapter_computes_the_checkpoint(checkpoint, checkpoint_output, smollm2, tmp_path):
     _, _, tokens = smollm2
-    expected_logits, expected_ppl = expected
+    expected_logits, expected_ppl = checkpoint_output
     out = tmp_path / "export"
     result = export(checkpoint, out, "gptq-lora", progress=False)
     assert result["ranks"] == {32: 30 * 6, 64: 30}  # 17 -> 32 columns; down_proj 46 -> 64
@@ -146,9 +146,9 @@ def test_gptqmodel_loads_the_base(checkpoint, tmp_path):
         assert not theirs[q.salient_idx.long()].any()  # the salient columns are the adapter's
 
 
-def test_dense_export_loads_without_qrecover(checkpoint, expected, smollm2, tmp_path):
+def test_dense_export_loads_without_qrecover(checkpoint, checkpoint_output, smollm2, tmp_path):
     _, _, tokens = smollm2
-    expected_logits, expected_ppl = expected
+    expected_logits, expected_ppl = checkpoint_output
     out = tmp_path / "dense"
     assert main(["export", str(checkpoint), "--to", "dense", "--out", str(out), "--quiet"]) == 0
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -169,14 +169,14 @@ def test_dense_export_loads_without_qrecover(checkpoint, expected, smollm2, tmp_
 
 # One bit width is enough for the lossy export: w4.
 @pytest.mark.parametrize("checkpoint", [4], indirect=True)
-def test_plain_gptq_export_rounds_the_columns_and_says_what_it_costs(checkpoint, expected, smollm2, tmp_path, capsys):
+def test_plain_gptq_export_rounds_the_columns_and_says_what_it_costs(checkpoint, checkpoint_output, smollm2, tmp_path, capsys):
     _, _, tokens = smollm2
     out = tmp_path / "gptq"
     assert main(["export", str(checkpoint), "--to", "gptq", "--out", str(out), "--eval-windows", str(WINDOWS), "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cost = result["perplexity"]
     assert result["rounded_columns"] == 30 * (6 * 17 + 46) and cost["after"] > cost["before"]
-    assert same_to_3_digits(cost["before"], expected[1])
+    assert same_to_3_digits(cost["before"], checkpoint_output[1])
     assert same_to_3_digits(perplexity(load_gptq(out), tokens, max_windows=WINDOWS, progress=False)["perplexity"], cost["after"])
 
 
