@@ -93,6 +93,37 @@ def smollm2_dir():
     return reference_model_dir()
 
 
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(SmolLM2-135M in float32, its tokenizer, the WikiText-2 test tokens), loaded once."""
+    from qrecover.data import eval_tokens
+    from qrecover.models import load_pretrained
+
+    model, tokenizer = load_pretrained(str(smollm2_dir))
+    return model, tokenizer, eval_tokens(tokenizer, "wikitext2")
+
+
+def quantize_smollm2(smollm2_dir, tokenizer, out, bits: int):
+    """(quantized model, checkpoint path): all 30 layers at g128 (576 = 4 x 128 + 64: a partial last
+    group) with 3% salient columns, calibrated on 8 x 256 tokens of WikiText-2 validation text."""
+    from qrecover.config import QuantConfig
+    from qrecover.data import calibration_samples
+    from qrecover.io import save_checkpoint
+    from qrecover.models import load_pretrained
+    from qrecover.pipeline import quantize_model
+
+    cfg = QuantConfig(bits=bits, group_size=128, salient="3%")
+    quantized = load_pretrained(str(smollm2_dir))[0]
+    report = quantize_model(quantized, calibration_samples(tokenizer, "wikitext2", 8, 256, seed=0), cfg, progress=False)
+    return quantized, save_checkpoint(quantized, tokenizer, out, cfg, report=report, source=str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_w4(smollm2, smollm2_dir, tmp_path_factory):
+    """SmolLM2-135M at w4 g128 with 3% salient columns, quantized once for every test that takes it."""
+    return quantize_smollm2(smollm2_dir, smollm2[1], tmp_path_factory.mktemp("smollm2") / "w4", 4)
+
+
 def pytest_collection_modifyitems(items):
     # Every test that takes the real SmolLM2-135M (directly or through another fixture) is slow.
     for item in items:

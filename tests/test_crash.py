@@ -1,42 +1,52 @@
 """kill -9 `quantize` and `recover` at random points: never a loadable half checkpoint, and every
-rerun ends with the bytes of the uninterrupted run, its report counting the whole run's time."""
+rerun ends with the bytes of the uninterrupted run, its report counting the whole run's time.
+
+The commands run in processes forked from a server that has imported torch and transformers
+(qrecover.forked): real processes, really killed with SIGKILL, that start in a fraction of a second
+instead of the 6-10 s a fresh interpreter spends on its imports."""
 import json
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 from conftest import tiny_model
 
-pytestmark = pytest.mark.slow  # killed and rerun subprocesses
+from qrecover import forked
+
+pytestmark = pytest.mark.slow  # killed and rerun processes
 
 KILLS = 5
 QUANTIZE = ["--bits", "3", "--group-size", "32", "--salient", "4", "--nsamples", "16", "--seqlen", "128", "--quiet"]
 RECOVER = ["--steps", "12", "--batch-size", "2", "--max-length", "64", "--save-every", "1", "--lr", "1e-3", "--quiet"]
 
 
-def command(args):
-    return [sys.executable, "-m", "qrecover.cli", *args]
+def start(args, log):
+    return forked.start("qrecover.cli:main", (args,), log)
 
 
 def run_to_end(args):
     """(seconds from start until the work folder appeared, until it was removed again, stderr): the
     window in which a kill leaves something to resume, the final save included."""
+    log = _log(args)
     started = time.perf_counter()
-    proc = subprocess.Popen(command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(args, log)
     work, appeared, gone = _work_folder(args), None, None
-    while proc.poll() is None:
+    while proc.is_alive():
         now = time.perf_counter() - started
         if appeared is None and work.exists():
             appeared = now
         elif appeared is not None and gone is None and not work.exists():
             gone = now
         time.sleep(0.01)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err
+    proc.join()
+    err = forked.log_tail(log, 100_000)
+    assert proc.exitcode == 0, err
     return appeared, gone or time.perf_counter() - started, err
+
+
+def _log(args):
+    out = output_of(args)
+    return out.with_name(out.name + ".log")
 
 
 def _work_folder(args):
@@ -47,16 +57,16 @@ def _work_folder(args):
 def kill_at_random(args, rng, span: float) -> bool:
     """Start the command, wait until its work folder appears, kill -9 it a random part of `span`
     later; True if it was killed (not finished already)."""
-    proc = subprocess.Popen(command(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start(args, _log(args))
     work = _work_folder(args)
     deadline = time.perf_counter() + 300
-    while not work.exists() and proc.poll() is None and time.perf_counter() < deadline:
+    while not work.exists() and proc.is_alive() and time.perf_counter() < deadline:
         time.sleep(0.005)
     time.sleep(rng.uniform(0, span))
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    err = proc.communicate()[1]
-    assert alive or proc.returncode == 0, err
+    alive = proc.is_alive()
+    proc.kill()  # SIGKILL
+    proc.join()
+    assert alive or proc.exitcode == 0, forked.log_tail(_log(args))
     return alive
 
 

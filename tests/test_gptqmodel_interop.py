@@ -46,8 +46,9 @@ def test_gptqmodel_reads_plain_gptq_checkpoints(bits, group_size, desc_act, sym,
     assert torch.allclose(got, expected, atol=1e-2), float((got - expected).abs().max())
 
 
-@pytest.mark.parametrize("sym, salient", [(False, 0), (True, 6)])
-def test_an_export_loads_with_a_plain_from_pretrained(sym, salient, tiny_tokenizer, tmp_path):
+# w3 with columns: the 3-bit base and its adapter (the SmolLM2 export tests run w4).
+@pytest.mark.parametrize("bits, sym, salient", [(4, False, 0), (4, True, 6), (3, True, 6)])
+def test_an_export_loads_with_a_plain_from_pretrained(bits, sym, salient, tiny_tokenizer, tmp_path):
     """No quantization_config argument, no backend: GPTQModel's default CPU kernel refuses a partial
     group (160 inputs at g128), so the export stores g32 groups (the same weights)."""
     from peft import PeftModel
@@ -56,7 +57,7 @@ def test_an_export_loads_with_a_plain_from_pretrained(sym, salient, tiny_tokeniz
     from qrecover.export import export
 
     model = tiny_model(hidden=160, intermediate=320, heads=5, kv_heads=1, vocab=len(tiny_tokenizer))
-    cfg = QuantConfig(bits=4, group_size=128, sym=sym, salient=salient)
+    cfg = QuantConfig(bits=bits, group_size=128, sym=sym, salient=salient)
     quantize_model(model, torch.randint(0, len(tiny_tokenizer), (4, 64)), cfg, progress=False)
     out = save_checkpoint(model, tiny_tokenizer, tmp_path / "ckpt", cfg)
     result = export(out, tmp_path / "export", "gptq-lora", progress=False)

@@ -1,39 +1,26 @@
 """End to end on the real reference model: SmolLM2-135M-Instruct from PyPI, WikiText-2 embedded in the package."""
-import copy
 import json
 import math
 
 import pytest
 import torch
 
-from qrecover.config import QuantConfig
-from qrecover.data import calibration_samples, eval_tokens
 from qrecover.eval.perplexity import perplexity
-from qrecover.io import load_checkpoint, save_checkpoint
+from qrecover.io import load_checkpoint
 from qrecover.api import recover
-from qrecover.models import load_pretrained
 from qrecover.nn import QuantLinear
-from qrecover.pipeline import quantize_model
 from qrecover.recovery.config import RecoverConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_dir):
-    model, tokenizer = load_pretrained(str(smollm2_dir))
-    tokens = eval_tokens(tokenizer, "wikitext2")
+def reference(smollm2):
+    model, tokenizer, tokens = smollm2
     return model, tokenizer, tokens, perplexity(model, tokens, max_windows=2, progress=False)["perplexity"]
 
 
 @pytest.fixture(scope="module")
-def w4_checkpoint(reference, smollm2_dir, tmp_path_factory):
-    model, tokenizer, _, _ = reference
-    # All 30 layers at w4, g128 (576 = 4 x 128 + 64: a partial last group), 3% salient columns.
-    cfg = QuantConfig(bits=4, group_size=128, salient="3%")
-    samples = calibration_samples(tokenizer, "wikitext2", 8, 256, seed=0)
-    quantized = copy.deepcopy(model)
-    report = quantize_model(quantized, samples, cfg, progress=False)
-    out = save_checkpoint(quantized, tokenizer, tmp_path_factory.mktemp("smollm2") / "w4", cfg, report=report, source=str(smollm2_dir))
-    return quantized, out
+def w4_checkpoint(smollm2_w4):
+    return smollm2_w4  # conftest: all 30 layers at w4 g128 (a partial last group), 3% salient columns
 
 
 def test_reference_model_and_data(reference):

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qrecover"
 # Bottom (0) to top; README "How the code is laid out" explains them.
 LAYERS = {
     "qrecover._version": 0, "qrecover.errors": 0, "qrecover.utils": 0, "qrecover.format": 0,
-    "qrecover.outputs": 0, "qrecover.resume": 0, "qrecover.data": 0, "qrecover.observer": 0, "qrecover.kernels.cache": 0,
+    "qrecover.outputs": 0, "qrecover.resume": 0, "qrecover.forked": 0, "qrecover.data": 0, "qrecover.observer": 0, "qrecover.kernels.cache": 0,
     "qrecover.kernels": 1,
     "qrecover.nn": 2,
     "qrecover.quant": 3, "qrecover.saliency": 3, "qrecover.config": 3, "qrecover.models": 3,

@@ -8,8 +8,9 @@ For every bit width, on the same calibration tokens:
     salient    qrecover with salient columns, before recovery
     gift       the same after GIFT-SW recovery
     lora       the same after LoRA recovery (about as many trainable parameters)
-Each stage runs in its own process (its own peak memory) and leaves `<out>/runs/<method>-w<bits>/`
-with its checkpoint and `result.json`; a rerun with the same settings reuses finished stages, and one
+Each stage runs in its own process (its own peak memory; forked from a server with torch and
+transformers imported, see forked.py) and leaves `<out>/runs/<method>-w<bits>/` with its checkpoint,
+`result.json` and the stage's output in `stage.log`; a rerun with the same settings reuses finished stages, and one
 that changes only what is evaluated (texts, windows, zero-shot tasks, limit) re-evaluates their
 saved checkpoints without rebuilding them.
 The table goes to comparison.md / .csv / .json, with a perplexity-vs-bits plot and the recovery
@@ -22,12 +23,12 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import forked
 from ..config import check_bits, check_damp
 from ..errors import QRecoverError
 from ..outputs import claim
@@ -162,9 +163,11 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
             spec = {"comparison": asdict(cmp), "method": method, "bits": bits, "digest": digest,
                     "checkpoint_digest": checkpoint_digest, "evaluate_only": evaluate_only}
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "qrecover.bench.compare", json.dumps(spec)], capture_output=True, text=True)
-            if done.returncode != 0 or not result_path.is_file():
-                tail = (done.stderr or done.stdout)[-3000:]
+            log = result_path.with_name("stage.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            code = forked.run("qrecover.bench.compare:run_stage", (spec,), log)
+            if code != 0 or not result_path.is_file():
+                tail = forked.log_tail(log)
                 if method in PEER_PACKAGE:  # a baseline's failure costs its row, not the comparison
                     print(f"qrecover compare: skipped {method} at {bits} bits, {PEER_PACKAGE[method]} failed:\n{tail}", file=sys.stderr)
                     continue
@@ -436,7 +439,3 @@ def _save_plot(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-
-
-if __name__ == "__main__":
-    run_stage(json.loads(sys.argv[1]))
