@@ -6,6 +6,9 @@ import os
 # Read when @triton.jit decorates a function, and triton.language decorates its own (tl.zeros ...)
 # on first import, which gptqmodel may trigger before test_kernels runs: set it before anything.
 os.environ["TRITON_INTERPRET"] = "1"
+# The tests never reach a model or dataset hub (huggingface_hub reads this once, when it is imported;
+# so do the processes qrecover.forked starts, which inherit it from here).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from pathlib import Path  # noqa: E402
 
@@ -19,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data"
 ARC_EASY = TEST_DATA / "arc-easy-test-100.jsonl"
 PIQA = TEST_DATA / "piqa-valid-100.jsonl"
+
+
+def run_forked(target: str, args: tuple, log) -> tuple[int, str]:
+    """(exit code, output) of module:function(*args) in a process of its own (qrecover.forked)."""
+    from qrecover import forked
+
+    return forked.run(target, args, log), forked.log_tail(log, 100_000)
 
 
 def tiny_config(hidden=80, intermediate=144, layers=2, vocab=300, heads=4, kv_heads=2, **kw):

@@ -85,3 +85,24 @@ def test_hub_failure_is_explained(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(QRecoverError, match="could not load the c4 corpus.*embedded `default`"):
         load_text("c4")
+
+
+def test_a_text_is_tokenized_once_per_tokenizer(tiny_tokenizer, tmp_path, monkeypatch):
+    import copy
+
+    import qrecover.data as data
+
+    calls = []
+    real = type(tiny_tokenizer).__call__
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    text = "The same text, tokenized for calibration, training and evaluation." * 50
+    first = data.tokenize(tiny_tokenizer, text)
+    first[0] = -1  # a caller's change never reaches the cache
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    again = data.tokenize(AutoTokenizer.from_pretrained(tmp_path / "tok"), text)  # another object, the same tokenizer
+    assert len(calls) == 1 and again[0] != -1 and torch.equal(again[1:], first[1:])
+    other = copy.deepcopy(tiny_tokenizer)
+    other.add_tokens(["tokenized"])  # another tokenizer: tokenized anew, with its own ids
+    assert len(data.tokenize(other, text)) < len(again) and len(calls) == 2

@@ -1,8 +1,6 @@
 """Checkpoint format v1 through transformers: from_pretrained, generate, pipeline, save_pretrained, lm-eval's hf backend."""
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from qrecover.io import load_checkpoint, save_checkpoint
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import quantize_model
 
-from conftest import PIQA, ROOT, tiny_model
+from conftest import PIQA, run_forked, tiny_model
 
 IDS = torch.arange(40).view(2, 20) % 250
 
@@ -92,6 +90,14 @@ def test_refuses_a_future_format_version_and_missing_tensors(checkpoint, tmp_pat
         AutoModelForCausalLM.from_pretrained(truncated)
 
 
+def lm_eval_command(args: list) -> int:
+    """`qrecover-lm-eval ARGS` as its console script runs it (lm-eval reads sys.argv)."""
+    from qrecover.eval.lm_eval_cli import main
+
+    sys.argv = ["qrecover-lm-eval", *args]
+    return main()
+
+
 def test_lm_eval_hf_backend_scores_a_checkpoint(checkpoint, tmp_path):
     """`qrecover-lm-eval --model hf --model_args pretrained=CKPT`, offline on lm-eval's own piqa task
     config pointed at a local file (plain `lm_eval` does not import qrecover, so it cannot)."""
@@ -107,10 +113,10 @@ def test_lm_eval_hf_backend_scores_a_checkpoint(checkpoint, tmp_path):
         f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'piqa.jsonl'}\n"
         "training_split: null\nvalidation_split: null\ntest_split: test\n"
     )
-    cmd = [sys.executable, "-m", "qrecover.eval.lm_eval_cli", "--model", "hf", "--model_args", f"pretrained={checkpoint}",
-           "--tasks", "piqa_local", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["--model", "hf", "--model_args", f"pretrained={checkpoint}", "--tasks", "piqa_local",
+            "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]
+    code, err = run_forked("test_hf_loading:lm_eval_command", (args,), tmp_path / "lm_eval.log")
+    assert code == 0, err[-3000:]
     (results,) = (tmp_path / "out").rglob("results_*.json")
     piqa = json.loads(results.read_text())["results"]["piqa_local"]
     assert 0 <= piqa["acc,none"] <= 1 and 0 <= piqa["acc_norm,none"] <= 1

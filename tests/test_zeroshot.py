@@ -1,9 +1,6 @@
 """Zero-shot evaluation through lm-eval: local files in the tasks' original formats, metrics, CLI, SmolLM2."""
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from qrecover.api import zeroshot
 from qrecover.bench.paired import paired_difference
 from qrecover.eval.zeroshot import TASKS, parse_tasks, read_task_file
 
-from conftest import ARC_EASY, PIQA, ROOT, tiny_model
+from conftest import ARC_EASY, PIQA, run_forked, tiny_model
 
 HELLASWAG = [
     {"ind": 1, "activity_label": "Baking", "ctx_a": "A man pours flour into a bowl.", "ctx_b": "he",
@@ -252,12 +249,13 @@ def test_cli_cache_weights_holds_them_and_scores_the_same(tiny_model_dir, six_fi
             assert cached["tasks"]["piqa"]["acc"] == pytest.approx(plain["tasks"]["piqa"]["acc"])
 
 
-def test_hub_tasks_offline_get_a_clear_error(tiny_model_dir):
-    """Standard lm-eval task names load their datasets from the hub; offline that fails with advice."""
-    cmd = [sys.executable, "-m", "qrecover.cli", "eval", str(tiny_model_dir), "--tasks", "arc_challenge", "--limit", "2", "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "allenai/ai2_arc" in done.stderr and "--task-file TASK=PATH" in done.stderr
+def test_hub_tasks_offline_get_a_clear_error(tiny_model_dir, tmp_path):
+    """Standard lm-eval task names load their datasets from the hub; offline (as every test runs,
+    conftest) that fails with advice. In a process of its own: lm-eval's failed hub lookups stay there."""
+    args = ["eval", str(tiny_model_dir), "--tasks", "arc_challenge", "--limit", "2", "--quiet"]
+    code, err = run_forked("qrecover.cli:main", (args,), tmp_path / "eval.log")
+    assert code == 2, err[-2000:]
+    assert "allenai/ai2_arc" in err and "--task-file TASK=PATH" in err
 
 
 def test_smollm2_zero_shot_accuracy_is_above_chance(smollm2_dir):
