@@ -17,10 +17,10 @@ from .errors import QRecoverError
 from .eval.fidelity import fidelity as fidelity_of
 from .eval.perplexity import perplexity
 from .eval.zeroshot import zeroshot as zeroshot_of
-from .io import REPORT, checkpoint_source, is_checkpoint, load_checkpoint, save_checkpoint
-from .models import load_pretrained
+from .io import REPORT, checkpoint_source, is_checkpoint, load_checkpoint, save_checkpoint, save_streamed_checkpoint
+from .models import LOADING, load_for_quantization, load_pretrained
 from .nn import hold_dense_weights
-from .pipeline import quantize_model
+from .pipeline import layer_file, quantize_model
 from .recovery.config import NOISE_PILOT_SCALES, RecoverConfig, native_bf16
 from .recovery.data import BatchOrder, load_examples, mix, parse_sources
 from .recovery.model import (
@@ -113,27 +113,43 @@ def quantize(
     eval_windows: int | None = None,
     progress: bool = True,
     echo: Callable[[dict], None] | None = None,
+    loading: str = "auto",
+    activation_memory: int | None = None,
 ) -> dict:
     """Load, calibrate, quantize, optionally evaluate, save checkpoint format v1 to `out`; returns
-    the report. echo(report) shows it before the checkpoint is written (a failed write loses no number)."""
+    the report. echo(report) shows it before the checkpoint is written (a failed write loses no number).
+
+    loading: "auto" streams a directory of sharded safetensors one decoder layer at a time and loads
+    anything else whole (models.load_for_quantization); activation_memory: bytes of calibration
+    activations kept in memory, the rest on disk in the work folder (default: a quarter of memory)."""
+    check_choice(loading, LOADING, "loading")
     out = check_output(out, [model, calib], overwrite)
     start = time.perf_counter()
-    net, tokenizer = load_pretrained(model, dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+    net, tokenizer, shards = load_for_quantization(model, parse_dtype(dtype) if isinstance(dtype, str) else dtype, loading)
     # Round to nearest without salient columns reads only the weights: no calibration text is loaded.
     samples = calibration_samples(tokenizer, calib, nsamples, seqlen, seed) if config.needs_calibration else None
     work = work_dir_for(out)
-    report = quantize_model(net, samples, config, device, batch_size, work_dir=work, progress=progress)
+    report = quantize_model(net, samples, config, device, batch_size, work_dir=work, progress=progress, shards=shards,
+                            activation_memory=activation_memory)
     report["model"] = str(model)
     if samples is not None:
         report["calibration"].update({"source": str(calib), "seed": seed})
-    if eval_dataset:
+    if eval_dataset and shards is None:
         report["eval"] = score(net, tokenizer, [eval_dataset], max_windows=eval_windows, progress=progress)
     before = (report["resumed"] or {}).get("seconds_before", 0.0)
     report["total_seconds"] = round(before + time.perf_counter() - start, 2)  # earlier interrupted runs' work included
     report["peak_memory_mb"] = peak_memory_mb(report["device"])
-    if echo is not None:
-        echo(report)
-    save_checkpoint(net, tokenizer, out, config, report=report, overwrite=overwrite, source=model_source(model))
+    if shards is None:
+        if echo is not None:
+            echo(report)
+        save_checkpoint(net, tokenizer, out, config, report=report, overwrite=overwrite, source=model_source(model))
+    else:
+        layers = [layer_file(work, i) for i in range(len(report["layers"]))]
+        save_streamed_checkpoint(net, tokenizer, out, config, shards, layers, report, overwrite, model_source(model))
+        if eval_dataset:  # a streamed model is only whole on disk: evaluated from its checkpoint
+            report["eval"] = {source_label(eval_dataset): evaluate(str(out), eval_dataset, max_windows=eval_windows, progress=progress)}
+        if echo is not None:
+            echo(report)
     shutil.rmtree(work, ignore_errors=True)
     return report
 

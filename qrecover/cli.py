@@ -14,8 +14,10 @@ from .config import METHODS, VALID_BITS, QuantConfig
 from .errors import QRecoverError
 from .eval.zeroshot import TASKS as ZEROSHOT_TASKS
 from .api import DTYPES
+from .models import LOADING
 from .recovery.config import METHODS as RECOVER_METHODS, NOISE_KINDS, NOISE_PILOT_SCALES, OBJECTIVES, PRECISIONS
 from .saliency import METRICS
+from .utils import parse_size
 
 
 def _override(text: str):
@@ -30,6 +32,13 @@ def _override(text: str):
             raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not key:value")
         values[key.strip()] = value.strip() if key.strip() == "salient" else int(value)
     return pattern, values
+
+
+def _bytes(text: str) -> int:
+    try:
+        return parse_size(text)
+    except QRecoverError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_quantize(sub):
@@ -65,6 +74,11 @@ def _add_quantize(sub):
     p.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass (default 8)")
     p.add_argument("--device", help="compute device (default: cuda if available, else cpu); the model stays on the CPU")
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="dtype to load the model in (default: its own)")
+    p.add_argument("--loading", default="auto", choices=LOADING, help="auto: a directory of sharded safetensors "
+                   "(model.safetensors.index.json) is streamed, one decoder layer in memory at a time, anything else loaded "
+                   "whole; stream: stream any safetensors directory; whole: load the whole model first")
+    p.add_argument("--activation-memory", type=_bytes, metavar="SIZE", help="calibration activations kept in memory "
+                   "(e.g. 4GB); past it they go to disk in the work folder (default: a quarter of the memory)")
     p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--eval", dest="eval_dataset", help="after quantizing, measure perplexity on this text (e.g. wikitext2)")
     p.add_argument("--eval-windows", type=int, help="cap on evaluation windows of 2048 tokens")
@@ -82,7 +96,7 @@ def _run_quantize(args):
         args.model, args.out, config, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
         overwrite=args.overwrite, eval_dataset=args.eval_dataset, eval_windows=args.eval_windows,
-        progress=not args.quiet, echo=show,
+        progress=not args.quiet, echo=show, loading=args.loading, activation_memory=args.activation_memory,
     )
 
 

@@ -16,20 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import QRecoverError
+from .models.shards import read_header
 
 METHOD = "qrecover"
-
-# safetensors header dtype names of the tensors a checkpoint may hold.
-_DTYPES = {
-    "I32": torch.int32, "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool,
-}
 
 
 @register_quantization_config(METHOD)
@@ -44,16 +38,8 @@ class QRecoverQuantizationConfig(QuantizationConfigMixin):
 
 def _tensor_headers(files) -> dict:
     """{name: empty meta tensor with the stored shape and dtype} of safetensors files, without reading data."""
-    headers = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    view = f.get_slice(name)
-                    headers[name] = torch.empty(view.get_shape(), dtype=_DTYPES[view.get_dtype()], device="meta")
-        except (SafetensorError, OSError, KeyError) as e:
-            raise QRecoverError(f"{file} is corrupted or truncated, or holds an unknown dtype ({e}); re-export the checkpoint") from e
-    return headers
+    return {name: torch.empty(shape, dtype=dtype, device="meta")
+            for file in files for name, (shape, dtype) in read_header(file).items()}
 
 
 # Tensors only a packed (qrecover or GPTQ) layer holds: unexpected in an ordinary model.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +22,8 @@ from ._version import __version__
 from .config import QuantConfig
 from .errors import QRecoverError
 from .format import ZERO_OFFSETS
-from .models import quantizable_linears, read_config, refuse_partial_load
+from .models import architecture, quantizable_linears, read_config, refuse_partial_load
+from .models.shards import INDEX, read_header
 from .nn import QuantLinear
 from .outputs import atomic_dir
 from .utils import atomic_write_json
@@ -107,6 +110,22 @@ def store_zeros_as(model, config: QuantConfig) -> None:
             m.set_zeros(m.zeros(), config.zero_offset)
 
 
+def _write_metadata(tmp: Path, hf_config, tokenizer, config: QuantConfig, recovery, source, plain_gptq: bool, report, extras) -> None:
+    """Everything of a checkpoint but its tensors: config.json with the quantization_config, the
+    tokenizer, quantize_config.json when every layer is plain GPTQ, the report, extras(tmp)."""
+    cfg = copy.deepcopy(hf_config)
+    cfg.quantization_config = quantization_config(config, recovery, source)
+    cfg.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if plain_gptq and not config.overrides:
+        atomic_write_json(tmp / "quantize_config.json", gptq_config(config))
+    if report is not None:
+        atomic_write_json(tmp / REPORT, report)
+    if extras is not None:
+        extras(tmp)
+
+
 def save_checkpoint(
     model, tokenizer, out_dir, config: QuantConfig, report: dict | None = None,
     recovery: dict | None = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, extras=None,
@@ -119,22 +138,74 @@ def save_checkpoint(
 
     def build(tmp: Path):
         # model.safetensors, or shards with their index; tied duplicates once; generation_config.json
-        # too. config.json is written again below, with the quantization_config.
+        # too. config.json is written again by _write_metadata, with the quantization_config.
         model.save_pretrained(tmp, max_shard_size=max_shard_bytes)
-        cfg = copy.deepcopy(model.config)
-        cfg.quantization_config = quantization_config(config, recovery, source)
-        cfg.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        if quantized and all(m.n_salient == 0 for m in quantized) and not config.overrides:
-            atomic_write_json(tmp / "quantize_config.json", gptq_config(config))
-        if report is not None:
-            atomic_write_json(tmp / REPORT, report)
-        if extras is not None:
-            extras(tmp)
+        plain = bool(quantized) and all(m.n_salient == 0 for m in quantized)
+        _write_metadata(tmp, model.config, tokenizer, config, recovery, source, plain, report, extras)
 
     return atomic_dir(out_dir, build, overwrite, needed_bytes=needed)
+
+
+def shard_name(index: int, count: int) -> str:
+    """transformers' name of shard `index` (from 1) of `count`."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link costs no space, and the work folder keeps its file until the checkpoint is in place.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def save_streamed_checkpoint(model, tokenizer, out_dir, config: QuantConfig, shards, layer_files: list[Path],
+                             report: dict | None = None, overwrite: bool = False, source: str | None = None) -> Path:
+    """Write checkpoint format v1 from a streamed quantization (pipeline.quantize_model with shards):
+    each finished layer's file in the work folder becomes a shard, and each of the model's other
+    tensors (the embeddings, the final norm, an untied head), read from the source shards one at a
+    time in the dtype the model was quantized in, one more; model.safetensors.index.json maps them.
+    The same tensors, bit for bit, as save_checkpoint writes for the model quantized whole."""
+    from safetensors.torch import save_file
+
+    layers_prefix = architecture(model).layers + "."
+    seen, rest = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not name.startswith(layers_prefix) and id(tensor) not in seen:  # tied duplicates (the head) once
+            seen.add(id(tensor))
+            rest[name] = tensor.dtype
+    count = len(layer_files) + len(rest)
+    needed = sum(f.stat().st_size for f in layer_files) + sum(
+        torch.Size(shards.headers[name][1]).numel() * dtype.itemsize for name, dtype in rest.items())
+
+    def build(tmp: Path):
+        weight_map, total = {}, 0
+        for i, file in enumerate(layer_files):
+            _link_or_copy(file, tmp / shard_name(i + 1, count))
+        for j, (name, dtype) in enumerate(rest.items(), len(layer_files) + 1):
+            save_file({name: shards.read([name])[name].to(dtype).contiguous()}, str(tmp / shard_name(j, count)), metadata={"format": "pt"})
+        for j in range(1, count + 1):
+            for key, (shape, dtype) in read_header(tmp / shard_name(j, count)).items():
+                weight_map[key] = shard_name(j, count)
+                total += torch.Size(shape).numel() * dtype.itemsize
+        atomic_write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        generation = _generation_config(shards.folder, model)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        plain = all(m["salient"] == 0 for layer in (report or {}).get("layers", []) for m in layer["modules"])
+        _write_metadata(tmp, model.config, tokenizer, config, None, source, plain, report, None)
+
+    return atomic_dir(out_dir, build, overwrite, needed_bytes=needed)
+
+
+def _generation_config(folder: Path, model):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(folder)
+    except OSError:
+        return model.generation_config if model.can_generate() else None
 
 
 def is_checkpoint(path) -> bool:

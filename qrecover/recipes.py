@@ -23,11 +23,12 @@ from pathlib import Path
 import yaml
 
 from .config import QuantConfig, check_choice
+from .models import LOADING
 from .errors import QRecoverError
 from .recovery.config import RecoverConfig, TrainConfig
 from .outputs import atomic_dir, claim
 from .resume import StateFile
-from .utils import atomic_write_json
+from .utils import atomic_write_json, parse_size
 
 
 @dataclass
@@ -37,6 +38,12 @@ class Calibration:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8
+    # Bytes (or "4GB") of calibration activations kept in memory, the rest on disk; None: a quarter of memory.
+    activation_memory: int | str | None = None
+
+    def __post_init__(self):
+        if self.activation_memory is not None:
+            self.activation_memory = parse_size(self.activation_memory)
 
 
 @dataclass
@@ -57,10 +64,16 @@ class Recipe:
     recover: RecoverConfig | None = None
     evaluate: Evaluation = field(default_factory=Evaluation)
     device: str | None = None
+    loading: str = "auto"  # models.LOADING: stream sharded safetensors one layer at a time, or load whole
+
+    def __post_init__(self):
+        check_choice(self.loading, LOADING, "loading")
 
     def stage_settings(self, stage: str) -> dict:
         """What a stage depends on: a change in it invalidates that stage and the ones after."""
-        settings = {"model": self.model, "quantize": self.quantize.to_dict(), "calibration": asdict(self.calibration)}
+        # Where activations live and how the model is read change no result: not part of it.
+        calibration = {k: v for k, v in asdict(self.calibration).items() if k != "activation_memory"}
+        settings = {"model": self.model, "quantize": self.quantize.to_dict(), "calibration": calibration}
         if stage in ("recover", "evaluate", "export") and self.recover is not None:
             settings["recover"] = self.recover.to_dict()
         if stage == "evaluate":
@@ -107,6 +120,7 @@ def load_recipe(path) -> Recipe:
         recover=recover,
         evaluate=_section(Evaluation, raw.get("evaluate"), f"{path}: evaluate"),
         device=raw.get("device"),
+        loading=raw.get("loading", "auto"),
     )
 
 
@@ -155,6 +169,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
         report = api.quantize(
             recipe.model, quantized, recipe.quantize, calib=c.source, nsamples=c.nsamples, seqlen=c.seqlen,
             seed=c.seed, device=recipe.device, batch_size=c.batch_size, overwrite=True, progress=progress,
+            loading=recipe.loading, activation_memory=c.activation_memory,
         )
         stages.finish("quantize", {"path": str(quantized), "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]})
     final = quantized

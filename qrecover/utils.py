@@ -1,14 +1,17 @@
-"""Small helpers shared by the layers above: atomic JSON files and peak memory."""
+"""Small helpers shared by the layers above: atomic JSON files, peak memory, sizes."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .errors import QRecoverError
 
 
 def atomic_write_json(path, data) -> None:
@@ -32,3 +35,14 @@ def peak_memory_mb(device=None) -> float:
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40, "TB": 2**40}
+
+
+def parse_size(value) -> int:
+    """Bytes of a size: 4GB, 512MB, 1.5G (binary units), or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise QRecoverError(f"{value!r} is not a size such as 4GB, 512MB or 1.5G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
