@@ -170,11 +170,9 @@ def save_streamed_checkpoint(model, tokenizer, out_dir, config: QuantConfig, sha
     from safetensors.torch import save_file
 
     layers_prefix = architecture(model).layers + "."
-    seen, rest = set(), {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if not name.startswith(layers_prefix) and id(tensor) not in seen:  # tied duplicates (the head) once
-            seen.add(id(tensor))
-            rest[name] = tensor.dtype
+    tied = set(getattr(model, "all_tied_weights_keys", {}))  # copies of another tensor (a tied head): stored once
+    rest = {name: t.dtype for name, t in model.state_dict(keep_vars=True).items()
+            if not name.startswith(layers_prefix) and name not in tied}
     count = len(layer_files) + len(rest)
     needed = sum(f.stat().st_size for f in layer_files) + sum(
         torch.Size(shards.headers[name][1]).numel() * dtype.itemsize for name, dtype in rest.items())
@@ -194,18 +192,23 @@ def save_streamed_checkpoint(model, tokenizer, out_dir, config: QuantConfig, sha
         if generation is not None:
             generation.save_pretrained(tmp)
         plain = all(m["salient"] == 0 for layer in (report or {}).get("layers", []) for m in layer["modules"])
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records it
         _write_metadata(tmp, model.config, tokenizer, config, None, source, plain, report, None)
 
     return atomic_dir(out_dir, build, overwrite, needed_bytes=needed)
 
 
 def _generation_config(folder: Path, model):
+    """The generation config from_pretrained would give the model of `folder` (transformers'
+    adjust_generation_fn: generation_config.json, else one made from config.json)."""
     from transformers import GenerationConfig
 
+    if not model.can_generate():
+        return None
     try:
         return GenerationConfig.from_pretrained(folder)
     except OSError:
-        return model.generation_config if model.can_generate() else None
+        return GenerationConfig.from_pretrained(folder, config_file_name="config.json", _from_model_config=True)
 
 
 def is_checkpoint(path) -> bool:

@@ -134,6 +134,23 @@ def smollm2_w4(smollm2, smollm2_dir, tmp_path_factory):
     return quantize_smollm2(smollm2_dir, smollm2[1], tmp_path_factory.mktemp("smollm2") / "w4", 4)
 
 
+# The README main job's quantization (recipes/smollm2-135m-w4.yaml): asymmetric g128 GPTQ over the full
+# range, damp 0.05, no salient columns, on 8 x 256 calibration tokens (the recipe: 16 x 512).
+MAIN_JOB = dict(bits=4, group_size=128, sym=False, mse_clip=False, damp=0.05, salient=0)
+MAIN_JOB_CALIB = dict(calib="wikitext2", nsamples=8, seqlen=256)
+
+
+@pytest.fixture(scope="session")
+def smollm2_main_job(smollm2_dir, tmp_path_factory):
+    """The main job's checkpoint of SmolLM2-135M before recovery, quantized whole."""
+    from qrecover.api import quantize
+    from qrecover.config import QuantConfig
+
+    out = tmp_path_factory.mktemp("main-job") / "w4"
+    quantize(str(smollm2_dir), out, QuantConfig(**MAIN_JOB), **MAIN_JOB_CALIB, progress=False)
+    return out
+
+
 def pytest_collection_modifyitems(items):
     # Every test that takes the real SmolLM2-135M (directly or through another fixture) is slow.
     for item in items:

@@ -6,6 +6,7 @@ from qrecover.errors import QRecoverError
 from qrecover.models import architecture, quantizable_linears
 from qrecover.nn import QuantLinear
 from qrecover.pipeline import capture_inputs, quantize_layer, quantize_model
+from qrecover.pipeline.activations import ActivationBudget, Activations
 
 from conftest import tiny_model
 
@@ -39,7 +40,8 @@ def test_replayed_blocks_match_a_plain_forward():
     batches, kwargs = capture_inputs(model, samples(n=4), "cpu", 2)
     layer = model.model.layers[0]
     cfg = QuantConfig(bits=3, group_size=32, salient=2)
-    _, outputs = quantize_layer(layer, architecture(model), "model.layers.0", batches, kwargs[0], cfg, torch.Generator(), torch.float16)
+    acts = Activations.of(batches, ActivationBudget(2**30), "cpu")
+    _, outputs = quantize_layer(layer, architecture(model), "model.layers.0", acts, kwargs[0], cfg, torch.Generator(), torch.float16)
     with torch.no_grad():
         for x, out in zip(batches, outputs):
             direct = layer(x, **kwargs[0])
@@ -96,7 +98,8 @@ class Interrupted(BaseException):
 def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, cfg, ids, crash):
     """Interrupted in layer 1, or after layer 1's tensors and the next inputs are saved but before
     its progress is: the resumed model equals the uninterrupted one."""
-    import qrecover.pipeline as pipeline
+    import qrecover.pipeline.driver as driver
+    import qrecover.pipeline.progress as progress
 
     whole = tiny_model(layers=3)
     quantize_model(whole, ids, cfg, progress=False)
@@ -105,13 +108,13 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch, c
         raise Interrupted
 
     if crash == "inside-layer":
-        real = pipeline.quantize_layer
-        monkeypatch.setattr(pipeline, "quantize_layer", lambda layer, arch, prefix, *args: (
+        real = driver.quantize_layer
+        monkeypatch.setattr(driver, "quantize_layer", lambda layer, arch, prefix, *args: (
             interrupt() if prefix.endswith(".1") else real(layer, arch, prefix, *args)))
     else:
-        real = pipeline.StateFile.write
+        real = progress.StateFile.write
         writes = iter([real, interrupt])  # layer 0's progress is written, layer 1's is not
-        monkeypatch.setattr(pipeline.StateFile, "write", lambda *args: next(writes)(*args))
+        monkeypatch.setattr(progress.StateFile, "write", lambda *args: next(writes)(*args))
     with pytest.raises(Interrupted):
         quantize_model(tiny_model(layers=3), ids, cfg, work_dir=tmp_path / "work", progress=False)
     monkeypatch.undo()

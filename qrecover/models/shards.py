@@ -79,7 +79,9 @@ class Shards:
             try:
                 with safe_open(str(self.folder / file), framework="pt") as f:
                     for name in members:
-                        out[name] = f.get_tensor(name)
+                        # A copy: safe_open's tensors map the file, which would stay mapped (and counted
+                        # in the resident set) for as long as any tensor of it lives.
+                        out[name] = f.get_tensor(name).clone()
             except (SafetensorError, OSError) as e:
                 raise QRecoverError(f"{self.folder / file} could not be read ({e}): the shard is damaged; download it again") from e
         return out

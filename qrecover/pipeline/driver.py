@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..errors import QRecoverError
 from ..models import architecture
 from ..models.shards import Shards, materialize, release
-from ..utils import peak_memory_mb
+from ..utils import peak_memory_mb, return_freed_memory
 from .activations import ActivationBudget, Activations, default_budget
 from .layer import capture_inputs, quantize_layer
 from .progress import LayerProgress, resume_settings
@@ -109,6 +109,7 @@ def quantize_model(
         batches = outputs
         tensors = {f"{prefix}.{k}": v.contiguous().cpu() for k, v in layer.state_dict().items()} if resume.dir else {}
         layers[i] = release(layer) if shards is not None else layer.to(home)
+        return_freed_memory()
         report = {"index": i, "seconds": round(time.perf_counter() - layer_start, 3), "modules": reports}
         resume.save(i, tensors, batches, report, time.perf_counter() - start)
         bar.update(1)

@@ -18,6 +18,7 @@ from ..nn import QuantLinear, hold_dense_weights
 from ..observer import InputStats
 from ..quant.gptq import gptq_quantize, output_error
 from ..saliency import column_scores, select_salient
+from ..utils import return_freed_memory
 from .activations import Activations
 
 
@@ -210,7 +211,10 @@ def quantize_layer(layer, arch: Architecture, prefix: str, batches, kwargs, conf
             keep = passes is not None and len(group) == 1 and group[0] in ends_block
             stats, inputs = (None, None) if passes is None else passes.observe(
                 linears[group[0]], f"{prefix}.{group[0]}", config.metric_spec.rho, keep)
-            solved = quantize_linears({short: linears[short] for short in group}, prefix, stats, config, generator, salient_dtype)
+            # Taken out of `linears`, so each original weight is freed as soon as its QuantLinear replaces it.
+            solved = quantize_linears({short: linears.pop(short) for short in group}, prefix, stats, config, generator, salient_dtype)
+            del stats
+            return_freed_memory()  # the solver's temporaries: without it the heap keeps them (utils)
             for short in group:
                 qlinear, report = solved[short]
                 if passes is not None:
@@ -220,6 +224,7 @@ def quantize_layer(layer, arch: Architecture, prefix: str, batches, kwargs, conf
             if keep:
                 block, returns_tuple = ends_block[group[0]]
                 passes.replay_block(block, layer.get_submodule(group[0]), inputs, returns_tuple)
+                hold_dense_weights(layer.get_submodule(block), False)  # a replayed block is not computed again
         return reports, passes.outputs() if passes is not None else None
     finally:
         hold_dense_weights(layer, False)

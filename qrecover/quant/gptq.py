@@ -27,13 +27,19 @@ MAX_DAMP = 1.0
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float):
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until H is positive definite."""
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    mean_diag = torch.diag(H).mean()
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until H is positive
+    definite. H's diagonal is dampened in place (and left so); at most three matrices of H's size are
+    alive at once."""
+    diag = H.diagonal()
+    undamped = diag.clone()
+    mean_diag = undamped.mean()
     while damp <= MAX_DAMP:
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        torch.add(undamped, damp * mean_diag, out=diag)
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info == 0:
                 return U, damp
         damp *= 10
@@ -101,25 +107,29 @@ def gptq_quantize(
     out_f, n = W.shape
     dev = W.device
     maxq = 2**bits - 1
-    W = W.detach().float().clone()
     salient_idx = torch.empty(0, dtype=torch.long, device=dev) if salient_idx is None else salient_idx.to(dev).long()
     is_salient = torch.zeros(n, dtype=torch.bool, device=dev)
     is_salient[salient_idx] = True
     quantized = torch.nonzero(~is_salient).flatten()
 
     if H is not None:
-        H = H.detach().float().clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        # Inputs that never fire: their weights are zeroed and their Hessian diagonal set to 1.
+        diag = torch.diag(H).float()
+        dead = diag == 0
+        diag[dead] = 1
         if len(quantized):
-            quantized = _column_order(quantized, torch.diag(H), group_size, desc_act, group_aware)
+            quantized = _column_order(quantized, diag, group_size, desc_act, group_aware)
     perm = torch.cat([quantized, salient_idx])
-    # The walk runs over rows of W^T: one contiguous row per input column.
-    Wt = W[:, perm].t().contiguous()
+    # The walk runs over rows of W^T: one contiguous row per input column. W and H are not copied
+    # beyond what the permutation makes: at 7B a Hessian is 485 MB, a stacked gate/up weight 360 MB.
+    Wt = W.detach()[:, perm].t().float().contiguous()
     nq = len(quantized)
     if H is not None:
-        Hinv, damp = inverse_hessian_cholesky(H[perm][:, perm], damp)
+        Wt[dead[perm]] = 0
+        Hp = H.detach()[perm[:, None], perm].float()
+        Hp.diagonal()[dead[perm]] = 1
+        Hinv, damp = inverse_hessian_cholesky(Hp, damp)
+        del Hp
 
     blocks, n_groups = _walk(bits, group_size, desc_act, quantized, n)
     scales = torch.ones(n_groups, out_f, device=dev)
