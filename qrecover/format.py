@@ -101,6 +101,10 @@ class QuantResult:
     salient_weight: torch.Tensor  # [out, k]
     bits: int
     damp: float  # the dampening finally used (raised when Cholesky failed)
+    # Per output row, the error the GPTQ walk left, tr(D H D^T) with the dampened Hessian (None: no
+    # Hessian), and the value the dampening added to H's diagonal.
+    walked_error: torch.Tensor | None = None
+    damp_added: float = 0.0
 
     def rows(self, start: int, end: int) -> "QuantResult":
         """The result for output rows start:end (rows are quantized independently of each other)."""
@@ -113,6 +117,8 @@ class QuantResult:
             salient_weight=self.salient_weight[start:end],
             bits=self.bits,
             damp=self.damp,
+            walked_error=None if self.walked_error is None else self.walked_error[start:end],
+            damp_added=self.damp_added,
         )
 
     def dequantize(self) -> torch.Tensor:

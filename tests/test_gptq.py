@@ -88,7 +88,24 @@ def test_dead_inputs_are_zeroed():
 
 def test_dampening_raises_itself():
     H = torch.diag(torch.tensor([1.0, 1.0, -0.05]))
-    _, damp = inverse_hessian_cholesky(H, 0.01)
+    _, damp, _ = inverse_hessian_cholesky(H, 0.01)
     assert damp == pytest.approx(0.1)
     with pytest.raises(QRecoverError, match="not positive definite"):
         inverse_hessian_cholesky(-torch.eye(3), 0.01)
+
+
+def test_the_walk_measures_the_output_error_it_leaves():
+    """GPTQ's column walk leaves tr(D H' D^T) (H' the dampened Hessian) in walked_error, row by row:
+    the report's error needs no second out x in^2 product."""
+    torch.manual_seed(0)
+    X = torch.randn(2048, 192) * torch.rand(192) * 2
+    H = X.t() @ X / 2048
+    W = torch.randn(40, 192)
+    for group_size, salient in ((64, [3, 100]), (-1, []), (32, list(range(8)))):
+        r = gptq_quantize(W, H, bits=3, group_size=group_size, salient_idx=torch.tensor(salient, dtype=torch.long))
+        D = W - r.dequantize()
+        dampened = H + r.damp_added * torch.eye(192)
+        assert r.damp_added == pytest.approx(0.01 * float(torch.diag(H).mean()), rel=1e-6)
+        assert torch.allclose(r.walked_error, torch.diag(D @ dampened @ D.t()), rtol=1e-4)
+        assert output_error(W, None, H, r.walked_error.sum(), r.damp_added) == pytest.approx(
+            output_error(W, r.dequantize(), H, damp_added=r.damp_added), rel=1e-4)
