@@ -27,6 +27,7 @@ from .recovery.model import (
     add_lora, add_salient_columns, finish, is_quantized, load_lora, lora_rank_for, merge_salient, recovery_summary,
     restore, salient_params, start, trainable_state,
 )
+from .recovery.memory import describe, memory_plan
 from .recovery.noise import NoiseClock
 from .recovery.objective import Objective
 from .recovery.teacher import Teacher
@@ -298,6 +299,14 @@ def recover(
         visits = config.train.steps * config.train.grad_accum * process.num_processes
         visited = sorted({i for position in range(visits) for i in order.indices(position)})
         teacher.fill([examples.items[i] for i in visited] + held_out, pad_id)
+    plan = memory_plan(net, config, qconfig, objective.bf16, teacher_live=teacher is not None and not config.teacher_cache,
+                       on_gpu=torch.device(device).type == "cuda")
+    if process.is_main_process:
+        print(f"qrecover: memory plan: {describe(plan)}", file=sys.stderr)
+    if plan["teacher"]:
+        # Loaded now, not inside the first step: its load (the file's pages beside the converted
+        # weights) would otherwise stack on the step's activations (+3 GB on the 1B shape, measured).
+        teacher.model
     # See RecoverConfig.cache_weights; layers that train their scales rebuild the weight anyway.
     hold_dense_weights(net, config.cache_weights and not config.train.scale_lr)
     pilots = None
@@ -318,6 +327,7 @@ def recover(
     # The seconds cover every run: this one and the training steps of interrupted earlier ones.
     summary = recovery_summary(config, examples, trainable, state.seconds_before + time.perf_counter() - start_time)
     summary["objective_used"] = kind
+    summary["memory_plan_gb"] = {k: round(v / 2**30, 3) for k, v in plan.items()}
     summary["precision_used"] = "bf16" if objective.bf16 else "fp32"
     if teacher is not None:
         summary["teacher"] = {"model": teacher.spec, "digest": teacher.digest, "cache": config.teacher_cache}

@@ -551,3 +551,24 @@ def test_the_fused_kl_matches_autograd_of_the_formula():
     assert torch.allclose(kl, (log_p.exp() * (log_p - log_q)).sum(-1).detach(), atol=1e-6)
     (kl * weights).sum().backward()
     assert torch.allclose(student.grad, expected, atol=1e-6)
+
+
+def test_the_memory_plan_counts_what_the_model_holds(quantized_tiny, tiny_tokenizer, tiny_model_dir):
+    """Packed weights and trainable values as the loaded checkpoint holds them, and the same plan from
+    the model's config on the meta device with the QuantConfig it was quantized with."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qrecover.recovery.memory import memory_plan
+
+    config = RecoverConfig(train=TrainConfig(steps=1, batch_size=2, scale_lr=1e-3))
+    model, _, _ = load_checkpoint(quantized_tiny)
+    plan = memory_plan(model, config)
+    held = sum(t.nbytes for m in model.modules() if isinstance(m, QuantLinear) for t in m.state_dict().values())
+    assert plan["packed_weights"] == held
+    _, _, _, trainable = tiny_setup(quantized_tiny, tiny_tokenizer, config)
+    assert plan["trainable"] == 16 * trainable
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    from_shapes = memory_plan(meta, config, QuantConfig(bits=3, group_size=32, salient=6))
+    assert from_shapes == plan

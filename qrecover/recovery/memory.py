@@ -8,17 +8,19 @@ Parts (bytes):
     trainable        the float32 copy of every trained column (and scale factor), its gradient and
                      AdamW's two moments: 16 bytes per trained value
     fixed codes      with scale training, each layer's code - zero as int8 (1 byte per weight)
-    dense weight     the one frozen weight unpacked at a time (int64 codes and the float result)
+    dense weight     the one frozen weight unpacked at a time (int64 codes and the float result), or
+                     with --cache-weights all of them in float32
     activations      what autograd keeps for backward: per layer the inputs of its projections,
                      norms and attention (all layers; with gradient checkpointing, each layer's input
                      plus one layer's internals), and the vocabulary-wide tensors of the loss
+    saved weights    the dense weights autograd keeps for the input gradients (every layer's, or one
+                     layer's with gradient checkpointing): measured on the 1B shape, the part the
+                     first version of this plan missed (docs/BENCHMARKS.md)
     teacher          live: its weights (the forwards keep nothing); cached on disk: nothing
 """
 from __future__ import annotations
 
 import math
-
-import torch
 
 from ..config import QuantConfig
 from ..format import packed_length
@@ -53,7 +55,7 @@ def _packed_bytes(s: dict) -> int:
     if s["bits"] is None:
         return 4 * s["inp"] * s["out"]
     words = packed_length(s["inp"], s["bits"]) * s["out"] + s["groups"] * packed_length(s["out"], s["bits"])
-    return 4 * words + 2 * s["groups"] * s["out"] + 4 * s["inp"] + (2 + 4) * s["salient"] * s["out"] + 2 * s["out"] * s["bias"]
+    return 4 * words + 2 * s["groups"] * s["out"] + 4 * s["inp"] + 2 * s["salient"] * s["out"] + 4 * s["salient"] + 2 * s["out"] * s["bias"]
 
 
 def _other_bytes(model, dtype_bytes: int) -> int:
@@ -64,12 +66,29 @@ def _other_bytes(model, dtype_bytes: int) -> int:
                for name, t in model.state_dict(keep_vars=True).items() if name not in tied and not name.startswith(projections))
 
 
-def memory_plan(model, config: RecoverConfig, qconfig: QuantConfig | None = None, device="cpu",
-                teacher_live: bool = True, weight_bytes: int | None = None) -> dict:
+def _saved_weight_bytes(config: RecoverConfig, bf16: bool) -> int:
+    """Bytes per weight that autograd keeps of the dense weights for backward. Trained scales make the
+    weight a graph node: the matmul keeps it in its compute dtype. Frozen weights under Gaussian or
+    uniform noise are rebuilt in backward (noise.frozen_matmul): nothing; without noise it keeps W
+    as a plain matmul would, in the input's dtype (float32 from the norms). LoRA and full fine-tuning
+    keep the matmul's weight operand: a bfloat16 copy under autocast, in float32 the weight itself
+    (full: the parameter, no copy; LoRA on a dequantized base: the unpacked weight)."""
+    if config.method == "gift" and config.train.scale_lr:
+        return 2 if bf16 else 4
+    if config.method == "gift":
+        return 0 if config.noise != "none" else 4
+    if config.method == "lora":
+        return 2 if bf16 else 4
+    return 2 if bf16 else 0
+
+
+def memory_plan(model, config: RecoverConfig, qconfig: QuantConfig | None = None, bf16: bool = False,
+                teacher_live: bool = True, weight_bytes: int | None = None, on_gpu: bool = False) -> dict:
     """{part: bytes} of a recovery of `model` (a checkpoint as loaded, or a model from its config on
-    the meta device with the qconfig it will be quantized with), and "total"."""
+    the meta device with the qconfig it will be quantized with), and "total". bf16: autocast on;
+    weight_bytes: of the tensors outside the projections (default: as the model holds them); on_gpu:
+    a live teacher is then held in bfloat16 under bf16 (api._teacher_for)."""
     train = config.train
-    bf16 = train.bf16_on(device)
     act = 2 if bf16 else 4
     hf = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     h, inter, n_layers, vocab = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.vocab_size
@@ -100,18 +119,23 @@ def memory_plan(model, config: RecoverConfig, qconfig: QuantConfig | None = None
     # logits and probabilities beside them.
     loss = tokens * vocab * 4 * (3 + (2 if teacher_live and config.objective_for(True) != "ce" else 0))
     widest = max(s["inp"] * s["out"] for s in specs)
+    weights = sum(s["inp"] * s["out"] for s in specs)
+    saved_weights = _saved_weight_bytes(config, bf16) * (weights // n_layers if train.gradient_checkpointing else weights)
+    held = config.cache_weights and not train.scale_lr and any(s["bits"] for s in specs)
 
     plan = {
         "packed_weights": sum(_packed_bytes(s) for s in specs),
         "other_weights": _other_bytes(model, other_dtype),
         "trainable": 16 * trained,
         "fixed_codes": sum(s["inp"] * s["out"] for s in specs) if config.method == "gift" and train.scale_lr else 0,
-        "dense_weight": widest * (8 + 4),
+        # --cache-weights: every frozen weight dequantized once, in float32; otherwise one at a time.
+        "dense_weight": 4 * sum(s["inp"] * s["out"] for s in specs) if held else widest * (8 + 4),
         "activations": saved + loss,
+        "saved_weights": saved_weights,
         "teacher": 0,
     }
     if teacher_live and config.objective_for(True) != "ce":
-        teacher_dtype = 2 if bf16 and torch.device(device).type == "cuda" else 4
+        teacher_dtype = 2 if bf16 and on_gpu else 4
         plan["teacher"] = sum(s["inp"] * s["out"] for s in specs) * teacher_dtype + _other_bytes(model, teacher_dtype)
     plan["total"] = sum(plan.values())
     return plan
