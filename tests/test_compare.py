@@ -15,11 +15,11 @@ from qrecover.bench.footprint import bits_per_weight
 def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_path, capsys):
     cmp = Comparison(
         model=str(tiny_model_dir), out=str(tmp_path / "cmp"), bits=[4],
-        methods=["rtn", "gptq", "gptqmodel", "salient", "gift", "lora"], salient="5%",
+        methods=["rtn", "gptq", "gptqmodel", "scales", "salient", "gift", "lora"], salient="5%",
     )
     rows = run_compare(cmp, progress=False)
     by_method = {r["method"]: r for r in rows}
-    assert set(by_method) == {"rtn", "gptq", "gptqmodel", "salient", "gift", "lora"}
+    assert set(by_method) == {"rtn", "gptq", "gptqmodel", "scales", "salient", "gift", "lora"}
     for r in rows:
         assert r["wikitext2_perplexity"] > 1 and r["peak_memory_mb"] > 0
         assert r["kl_mean"] > 0 and 0 < r["top1_agreement"] <= 1  # fidelity to the unquantized model
@@ -31,6 +31,10 @@ def test_compare_runs_every_method_once_and_reuses_stages(tiny_model_dir, tmp_pa
     assert by_method["gift"]["bits_per_weight"] == by_method["salient"]["bits_per_weight"]
     assert by_method["lora"]["bits_per_weight"] > by_method["salient"]["bits_per_weight"]
     assert by_method["gift"]["recover_seconds"] > 0 and by_method["gift"]["trainable_params"] > 0
+    # Trained scales: gptq's checkpoint at its bits, one trained factor per group and output.
+    assert by_method["scales"]["bits_per_weight"] == by_method["gptq"]["bits_per_weight"]
+    assert by_method["scales"]["trainable_params"] > 0
+    assert by_method["scales"]["wikitext2_perplexity"] != by_method["gptq"]["wikitext2_perplexity"]
 
     out = tmp_path / "cmp"
     table = (out / "comparison.md").read_text()
@@ -130,7 +134,7 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
     reduced = compare.PRESETS["reduced"]
     monkeypatch.setitem(compare.PRESETS, "reduced", dataclasses.replace(reduced, lr=reduced.lr * 3, steps=reduced.steps + 1))
     after = {m: compare._digest(cmp, m, 3) for m in compare.METHODS}
-    assert {m for m in compare.METHODS if before[m] != after[m]} == {"gift", "lora"}
+    assert {m for m in compare.METHODS if before[m] != after[m]} == {"scales", "gift", "lora"}
     monkeypatch.setitem(compare.PRESETS, "reduced", dataclasses.replace(reduced, nsamples=reduced.nsamples * 2))
     assert all(compare._digest(cmp, m, 3) != before[m] for m in compare.METHODS)
     assert compare._digest(cmp, "gptq", 4) != compare._digest(cmp, "gptq", 3)
@@ -138,9 +142,9 @@ def test_changing_recovery_settings_keeps_the_quantization_stages(monkeypatch):
 
 @pytest.mark.parametrize("option, users", [
     ({"salient": "0.5%"}, {"salient", "gift", "lora"}),  # the baselines are not rebuilt
-    ({"sym": False}, {"rtn", "gptq", "gptqmodel", "salient", "gift", "lora"}),  # AWQ's grid is always asymmetric
-    ({"mse_clip": False}, {"rtn", "gptq", "salient", "gift", "lora"}),  # qrecover's clip search only
-    ({"damp": 0.05}, {"gptq", "gptqmodel", "salient", "gift", "lora"}),  # GPTQ solvers, ours and GPTQModel's
+    ({"sym": False}, {"rtn", "gptq", "gptqmodel", "scales", "salient", "gift", "lora"}),  # AWQ's grid is always asymmetric
+    ({"mse_clip": False}, {"rtn", "gptq", "scales", "salient", "gift", "lora"}),  # qrecover's clip search only
+    ({"damp": 0.05}, {"gptq", "gptqmodel", "scales", "salient", "gift", "lora"}),  # GPTQ solvers, ours and GPTQModel's
 ])
 def test_grid_and_solver_options_make_new_stages_only_for_the_methods_using_them(option, users):
     import qrecover.bench.compare as compare
@@ -155,7 +159,7 @@ def test_evaluation_settings_change_the_result_but_not_the_checkpoint():
 
     base = Comparison(model="m", out="o", tasks=["piqa"], limit=5)
     ce = Comparison(**(dataclasses.asdict(base) | {"objective": "ce"}))
-    assert {m for m in compare.METHODS if compare._digest(ce, m, 3) != compare._digest(base, m, 3)} == {"gift", "lora"}
+    assert {m for m in compare.METHODS if compare._digest(ce, m, 3) != compare._digest(base, m, 3)} == {"scales", "gift", "lora"}
     for change in ({"tasks": ["arc_easy"]}, {"limit": 50}, {"eval_windows": 16}, {"eval_datasets": ["c4"]}):
         other = Comparison(**(dataclasses.asdict(base) | change))
         for m in compare.METHODS:

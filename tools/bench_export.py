@@ -45,6 +45,8 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
+                   help="of the exports' 16-bit tensors (Gemma's activations overflow float16)")
     p.add_argument("--work", help="folder for the exports")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_export.json"))
     args = p.parse_args(argv)
@@ -74,10 +76,15 @@ def main(argv=None) -> None:
     measure("qrecover (its own loading)", lambda: model)
     exports = {to: work / to for to in ("gptq-lora", "dense", "gptq")}
     for to, out in exports.items():
-        export(checkpoint, out, to, overwrite=out.exists(), eval_dataset=None, progress=False)
-    measure("gptq-lora: base + adapter (transformers + peft)", lambda: PeftModel.from_pretrained(gptq_model(exports["gptq-lora"] / "base"), str(exports["gptq-lora"] / "adapter")))
-    measure("dense, stored in float16 (transformers)", lambda: load_pretrained(str(exports["dense"]), dtype=torch.float32)[0])
-    measure("gptq, columns rounded into the grid (transformers)", lambda: gptq_model(exports["gptq"]))
+        export(checkpoint, out, to, overwrite=out.exists(), eval_dataset=None, progress=False, dtype=getattr(torch, args.dtype))
+    lora = exports["gptq-lora"]
+    if (lora / "adapter").is_dir():
+        measure("gptq-lora: base + adapter (transformers + peft)", lambda: PeftModel.from_pretrained(gptq_model(lora / "base"), str(lora / "adapter")))
+    else:  # no salient columns: the base alone
+        measure("gptq-lora: base, no columns to adapt (transformers)", lambda: gptq_model(lora / "base"))
+    measure(f"dense, stored in {args.dtype} (transformers)", lambda: load_pretrained(str(exports["dense"]), dtype=torch.float32)[0])
+    if (lora / "adapter").is_dir():  # otherwise the same file as gptq-lora's base
+        measure("gptq, columns rounded into the grid (transformers)", lambda: gptq_model(exports["gptq"]))
 
     own = rows[0]["perplexity"]
     print("\n| model | WikiText-2 perplexity | same to 3 digits as qrecover |\n|---|---|---|")

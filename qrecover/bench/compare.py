@@ -36,7 +36,10 @@ from ..resume import digest as settings_digest
 from ..utils import atomic_write_json, peak_memory_mb
 from .paired import paired_difference
 
-METHODS = ("rtn", "gptq", "gptqmodel", "awq", "salient", "gift", "lora")
+METHODS = ("rtn", "gptq", "gptqmodel", "awq", "scales", "salient", "gift", "lora")
+# Recovered stages and the quantized stage each starts from: scales (the README main job's
+# recovery: each group's scale trained, k = 0) from gptq, the column methods from salient.
+RECOVERED = {"scales": "gptq", "gift": "salient", "lora": "salient"}
 PEER_PACKAGE = {"gptqmodel": "gptqmodel", "awq": "gptqmodel"}
 
 
@@ -52,6 +55,8 @@ class Preset:
     # beat 1e-4 for GIFT-SW, no-noise and LoRA alike (docs/BENCHMARKS.md).
     lr: float = 5e-4
     lr_lora: float = 5e-4
+    # The main job's scale learning rate, chosen by 40-step pilots on held-out blocks (recipes/smollm2-135m-w4.yaml).
+    scale_lr: float = 3e-3
     # Recovery and evaluation keep the dequantized weights in memory (faster, same results up to
     # float rounding): fine for the small models the reduced preset is sized for, not for a 7B model on one GPU.
     cache_weights: bool = False
@@ -103,7 +108,7 @@ def stage_dir(cmp: Comparison, method: str, bits: int) -> Path:
 
 
 # The recovered stages start from the salient checkpoint, so they use what it was built with.
-QRECOVER_QUANTIZED = ("rtn", "gptq", "salient", "gift", "lora")
+QRECOVER_QUANTIZED = ("rtn", "gptq", "scales", "salient", "gift", "lora")
 # Options that only some methods use, with their defaults. A method that does not use one hashes its
 # default, so changing it rebuilds only the stages it changes (not GPTQModel's AWQ, for one).
 STAGE_OPTIONS = {
@@ -112,7 +117,7 @@ STAGE_OPTIONS = {
     "mse_clip": (True, set(QRECOVER_QUANTIZED)),
     "damp": (None, set(QRECOVER_QUANTIZED) - {"rtn"} | {"gptqmodel"}),
 }
-RECOVERY_SETTINGS = ("train_data", "objective", "steps", "batch_size", "max_length", "lr", "lr_lora")
+RECOVERY_SETTINGS = ("train_data", "objective", "steps", "batch_size", "max_length", "lr", "lr_lora", "scale_lr")
 EVALUATION_SETTINGS = ("eval_datasets", "eval_windows", "tasks", "limit")
 
 
@@ -121,7 +126,7 @@ def _digest(cmp: Comparison, method: str, bits: int, evaluation: bool = True) ->
     a quantization stage is kept when only recovery settings change."""
     settings = asdict(cmp) | asdict(PRESETS[cmp.preset]) | {"method": method, "bits": bits}
     settings["eval_windows"] = _eval_windows(cmp)  # what is evaluated, however it was asked for
-    ignored = ("out", "methods", "preset", "cache_weights") + (() if method in ("gift", "lora") else RECOVERY_SETTINGS)
+    ignored = ("out", "methods", "preset", "cache_weights") + (() if method in RECOVERED else RECOVERY_SETTINGS)
     ignored += () if evaluation else EVALUATION_SETTINGS
     for key in ignored:
         settings.pop(key)
@@ -155,8 +160,8 @@ def run_compare(cmp: Comparison, progress: bool = True) -> list[dict]:
                 rows.append(saved)
                 continue
             evaluate_only = _has_checkpoint(cmp, method, bits)
-            if method in ("gift", "lora") and not evaluate_only:
-                _ensure_salient(cmp, bits)
+            if method in RECOVERED and not evaluate_only:
+                _ensure_base(cmp, RECOVERED[method], bits)
             if progress:
                 what = f"re-evaluating the saved {method} checkpoint" if evaluate_only else method
                 print(f"qrecover compare: {what} at {bits} bits ...", file=sys.stderr, flush=True)
@@ -246,10 +251,10 @@ def time_summary(times: dict) -> str:
     return line
 
 
-def _ensure_salient(cmp: Comparison, bits: int) -> None:
-    """Recovery stages start from the salient checkpoint: build it first if it is missing or stale."""
-    if not _has_checkpoint(cmp, "salient", bits):
-        run_compare(Comparison(**(asdict(cmp) | {"bits": [bits], "methods": ["salient"]})), progress=True)
+def _ensure_base(cmp: Comparison, base: str, bits: int) -> None:
+    """A recovery stage starts from a quantized stage's checkpoint: build it first if it is missing or stale."""
+    if not _has_checkpoint(cmp, base, bits):
+        run_compare(Comparison(**(asdict(cmp) | {"bits": [bits], "methods": [base]})), progress=True)
 
 
 def run_stage(spec: dict) -> None:
@@ -291,17 +296,18 @@ def _build(cmp: Comparison, method: str, bits: int, preset: Preset, checkpoint: 
         report = api.quantize(cmp.model, checkpoint, config, calib=cmp.calib, nsamples=preset.nsamples,
                                seqlen=preset.seqlen, device=cmp.device, overwrite=True, progress=False)
         result["quantize_seconds"] = report["seconds"]
-    elif method in ("gift", "lora"):
+    elif method in RECOVERED:
         config = RecoverConfig(
-            data=cmp.train_data, method="gift" if method == "gift" else "lora", objective=cmp.objective,
+            data=cmp.train_data, method="lora" if method == "lora" else "gift", objective=cmp.objective,
             # One cache of the teacher's top-k log-probabilities serves every recovery stage: same teacher, same text.
             teacher_cache=None if cmp.objective == "ce" else str(Path(cmp.out) / "teacher-cache"),
             max_length=preset.max_length,
             cache_weights=preset.cache_weights,
             train=TrainConfig(steps=preset.steps, batch_size=preset.batch_size,
-                              lr=preset.lr if method == "gift" else preset.lr_lora, save_every=0),
+                              lr=preset.lr_lora if method == "lora" else preset.lr,
+                              scale_lr=preset.scale_lr if method == "scales" else 0.0, save_every=0),
         )
-        out = api.recover(str(stage_dir(cmp, "salient", bits) / "model"), checkpoint, config, cmp.device, overwrite=True, progress=False)
+        out = api.recover(str(stage_dir(cmp, RECOVERED[method], bits) / "model"), checkpoint, config, cmp.device, overwrite=True, progress=False)
         result["recover_seconds"] = out["recovery"]["seconds"]
         result["trainable_params"] = out["recovery"]["trainable_params"]
     else:

@@ -36,7 +36,7 @@ def _linear_specs(model, qconfig: QuantConfig | None) -> list[dict]:
     still to be quantized, e.g. built on the meta device from its config) resolved from qconfig."""
     specs = []
     for name, m in quantizable_linears(model).items():
-        base = getattr(m, "base", m)  # a RecoveryLayer's base
+        base = getattr(m, "base", None) or getattr(m, "base_layer", m)  # a RecoveryLayer's or a LoRA layer's base
         if isinstance(base, QuantLinear):
             specs.append(dict(inp=base.in_features, out=base.out_features, bits=base.bits, groups=base.scales.shape[0],
                               salient=base.n_salient, bias=base.bias is not None))
@@ -88,6 +88,8 @@ def memory_plan(model, config: RecoverConfig, qconfig: QuantConfig | None = None
     the meta device with the qconfig it will be quantized with), and "total". bf16: autocast on;
     weight_bytes: of the tensors outside the projections (default: as the model holds them); on_gpu:
     a live teacher is then held in bfloat16 under bf16 (api._teacher_for)."""
+    if hasattr(model, "get_base_model"):  # a PeftModel (LoRA recovery)
+        model = model.get_base_model()
     train = config.train
     act = 2 if bf16 else 4
     hf = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
