@@ -1,4 +1,4 @@
-"""Checkpoint format v1 (DESIGN.md): a Hugging Face directory with safetensors, written atomically.
+"""Checkpoint format v1 (docs/FORMAT.md): a Hugging Face directory with safetensors, written atomically.
 
 The tensors go through transformers' save_pretrained (sharded past max_shard_bytes) and come back
 through from_pretrained and qrecover's quantizer (hf_quantizer), which puts a QuantLinear wherever

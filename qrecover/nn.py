@@ -1,6 +1,6 @@
 """The mixed-precision linear layer: a packed low-bit dense part plus 16-bit salient input columns.
 
-Tensors follow checkpoint format v1 (see DESIGN.md): qweight, qzeros, scales, g_idx in the GPTQ
+Tensors follow checkpoint format v1 (docs/FORMAT.md): qweight, qzeros, scales, g_idx in the GPTQ
 layout (qzeros as GPTQ v1 or v2 store them: `zero_offset`), salient_idx and salient_weight for the
 columns kept in 16-bit. The codes at salient
 positions are the zero point, so y = deq(qweight) x + salient_weight x[salient_idx].

@@ -91,15 +91,32 @@ def peer_run(args) -> None:
     peer.save(args.peer_run)
 
 
+def stop_after(proc, progress: Path, layers: int) -> None:
+    """Kill the run once its work folder records `layers` finished layers (an interrupted run resumes
+    from there: the same crash path the kill -9 tests take)."""
+    while proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["done"] >= layers:
+                proc.kill()
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+
+
 def run(name: str, args, work: Path) -> dict:
     out = work / name
+    progress = out.with_name(out.name + ".qrecover-work") / "progress.json"
     shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(progress.parent, ignore_errors=True)
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")}
     start = time.perf_counter()
     proc = subprocess.Popen(command(name, args, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # wait4 gives this child's own rusage (communicate() would reap it first); threads drain its pipes.
     stdout, stderr = [], []
     readers = [threading.Thread(target=lambda s=s, b=b: b.append(s.read())) for s, b in ((proc.stdout, stdout), (proc.stderr, stderr))]
+    if args.layers and name.startswith("qrecover"):
+        readers.append(threading.Thread(target=stop_after, args=(proc, progress, args.layers)))
     for r in readers:
         r.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -107,11 +124,18 @@ def run(name: str, args, work: Path) -> dict:
         r.join()
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
-    if code != 0:
+    stopped = args.layers and name.startswith("qrecover") and code == -9
+    if code != 0 and not stopped:
         raise SystemExit(f"{name} failed ({code}):\n{''.join(stderr)[-4000:]}")
     result = {"name": name, "seconds": round(seconds, 1), "peak_memory_mb": round(usage.ru_maxrss / 1024, 1)}
     report = out / "quantization_report.json"
-    if report.is_file():
+    if stopped:
+        result["stopped_after_layers"] = args.layers
+        layers = json.loads(progress.read_text())["layers"]
+        per_layer = [layer["seconds"] for layer in layers]
+        result.update(layers=len(per_layer), layer_seconds_mean=round(sum(per_layer) / len(per_layer), 2),
+                      layer_seconds_max=max(per_layer), layer_seconds=per_layer)
+    elif report.is_file():
         layers = json.loads(report.read_text())["layers"]
         per_layer = [layer["seconds"] for layer in layers]
         result.update(layers=len(per_layer), layer_seconds_mean=round(sum(per_layer) / len(per_layer), 2),
@@ -129,6 +153,8 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", help="compute dtype of both tools (default float32)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_scale")
     p.add_argument("--json", type=Path, default=ROOT / "runs" / "bench_scale.json")
+    p.add_argument("--layers", type=int, help="stop qrecover's runs after this many decoder layers (peak memory and "
+                   "seconds per layer measured on them; the whole run's time extrapolated, and labelled so)")
     p.add_argument("--peer-run", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peer_run:
@@ -141,6 +167,9 @@ def main() -> int:
     tokens = args.nsamples * args.seqlen
     ours = next((r for r in results if r["name"] == "qrecover"), None)
     summary = {"model_mb": round(model_bytes / 2**20), "layers": cfg["num_hidden_layers"], "tokens": tokens}
+    if ours and "stopped_after_layers" in ours:
+        # Not measured: the layers after the stop, at the measured mean (every layer has the same shape).
+        ours["whole_run_seconds_extrapolated"] = round(ours["seconds"] + ours["layer_seconds_mean"] * (cfg["num_hidden_layers"] - ours["layers"]))
     if ours and "layer_seconds_mean" in ours:
         ratio = layer_cost(LLAMA2_70B, tokens) / layer_cost(cfg, tokens)
         per_layer_70b = ours["layer_seconds_mean"] * ratio
@@ -167,6 +196,10 @@ def main() -> int:
     for r in results:
         vs = f"{r['time_vs_gptqmodel']}, {r['memory_vs_gptqmodel']}" if "time_vs_gptqmodel" in r else "-"
         print(f"| {r['name']} | {r['seconds']} | {r['peak_memory_mb']} | {r.get('layer_seconds_mean', '-')} | {vs} |")
+    for r in results:
+        if "stopped_after_layers" in r:
+            print(f"{r['name']}: stopped after {r['layers']} of {cfg['num_hidden_layers']} layers (seconds per layer "
+                  f"{r['layer_seconds']}); the whole run extrapolated: {r['whole_run_seconds_extrapolated']} s")
     if "extrapolated_70b" in summary:
         print("70B (extrapolated):", json.dumps(summary["extrapolated_70b"]))
     return 0
