@@ -17,6 +17,8 @@ from its last checkpoint).
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -137,11 +139,16 @@ class Stages:
     def done(self, stage: str) -> bool:
         return self._marker(stage).read() is not None
 
-    def finish(self, stage: str, result: dict) -> None:
-        self._marker(stage).write({"result": result})
+    def finish(self, stage: str, result: dict, started: float) -> None:
+        """Record `stage` done with its result and its wall time since `started` (perf_counter)."""
+        self._marker(stage).write({"result": result, "wall_seconds": round(time.perf_counter() - started, 2)})
 
     def result(self, stage: str) -> dict:
         return self._marker(stage).read()["result"]
+
+    def seconds(self, stage: str) -> float | None:
+        """The wall time of the run that finished `stage`, loading included (None: not recorded)."""
+        return self._marker(stage).read().get("wall_seconds")
 
 
 STAGES = ("quantize", "recover", "evaluate", "export")
@@ -166,39 +173,59 @@ def run_recipe(recipe: Recipe, progress: bool = True, until: str = "export") -> 
         )
     if not stages.done("quantize"):
         c = recipe.calibration
+        start = time.perf_counter()
         report = api.quantize(
             recipe.model, quantized, recipe.quantize, calib=c.source, nsamples=c.nsamples, seqlen=c.seqlen,
             seed=c.seed, device=recipe.device, batch_size=c.batch_size, overwrite=True, progress=progress,
             loading=recipe.loading, activation_memory=c.activation_memory,
         )
-        stages.finish("quantize", {"path": str(quantized), "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]})
+        stages.finish("quantize", {"path": str(quantized), "seconds": report["seconds"], "peak_memory_mb": report["peak_memory_mb"]}, start)
     final = quantized
     if until == "quantize":
         return {"model": str(final)}
     if recipe.recover is not None:
         final = stages.root / "recovered"
         if not stages.done("recover"):
+            start = time.perf_counter()
             result = api.recover(str(quantized), final, recipe.recover, recipe.device, overwrite=True, progress=progress)
             if not process.is_main_process:
                 return {}
-            stages.finish("recover", {"path": str(final), "seconds": result["recovery"]["seconds"], "final_loss": result["final_loss"]})
+            stages.finish("recover", {"path": str(final), "seconds": result["recovery"]["seconds"], "final_loss": result["final_loss"]}, start)
     if until == "recover" or process.num_processes > 1:
         return {"model": str(final)}
     if not stages.done("evaluate"):
-        stages.finish("evaluate", {"quantized": _evaluate(quantized, recipe, progress), **({"recovered": _evaluate(final, recipe, progress)} if final != quantized else {})})
+        start = time.perf_counter()
+        stages.finish("evaluate", {"quantized": _evaluate(quantized, recipe, progress),
+                                   **({"recovered": _evaluate(final, recipe, progress)} if final != quantized else {})}, start)
     export = Path(recipe.out) / "model"
     if until != "export":
         return {"model": str(final), "evaluate": stages.result("evaluate")}
     if not stages.done("export"):
+        start = time.perf_counter()
         atomic_dir(export, lambda tmp: shutil.copytree(final, tmp, dirs_exist_ok=True), overwrite=True)
-        stages.finish("export", {"path": str(export)})
+        stages.finish("export", {"path": str(export)}, start)
+    done = [stage for stage in STAGES if (stages.root / f"{stage}.json").is_file()]
     summary = {
         "recipe": asdict(recipe),
         "model": str(export),
-        **{stage: stages.result(stage) for stage in ("quantize", "recover", "evaluate") if (stages.root / f"{stage}.json").is_file()},
+        **{stage: stages.result(stage) for stage in done if stage != "export"},
+        "time": stage_times({stage: stages.seconds(stage) for stage in done}),
     }
     atomic_write_json(Path(recipe.out) / "summary.json", summary)
+    if progress:
+        print(time_table(summary["time"]), file=sys.stderr)
     return summary
+
+
+def stage_times(seconds: dict) -> dict:
+    """Wall seconds of each stage (as the run that finished it measured them, loading included) and
+    their total."""
+    return {"stages": seconds, "total": round(sum(s or 0 for s in seconds.values()), 1)}
+
+
+def time_table(times: dict) -> str:
+    rows = [f"| {stage} | {'-' if s is None else f'{s:.1f}'} |" for stage, s in times["stages"].items()]
+    return "\n".join(["| stage | seconds |", "|---|---:|", *rows, f"| total | {times['total']:.1f} |"])
 
 
 def _evaluate(path: Path, recipe: Recipe, progress: bool) -> dict:

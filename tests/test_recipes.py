@@ -46,10 +46,16 @@ def test_recipe_runs_every_stage_and_resumes(tiny_model_dir, tmp_path):
     assert set(summary["evaluate"]) == {"quantized", "recovered"}
     assert all(v["eval"] > 1 for v in summary["evaluate"].values())
     assert json.loads((out / "summary.json").read_text())["model"] == str(out / "model")
+    # Where the time went: every stage's wall seconds, loading included, and their sum.
+    times = summary["time"]
+    assert set(times["stages"]) == {"quantize", "recover", "evaluate", "export"}
+    assert all(times["stages"][stage] > 0 for stage in ("quantize", "recover", "evaluate")) and times["stages"]["export"] >= 0
+    assert times["stages"]["recover"] >= summary["recover"]["seconds"]
+    assert times["total"] == pytest.approx(sum(times["stages"].values()), abs=0.1)
 
-    # A rerun finds every stage done and changes nothing.
+    # A rerun finds every stage done and changes nothing, its times included.
     stamps = {p: p.stat().st_mtime for p in (out / "stages").glob("*.json")}
-    run_recipe(load_recipe(path), progress=False)
+    assert run_recipe(load_recipe(path), progress=False)["time"] == times
     assert stamps == {p: p.stat().st_mtime for p in (out / "stages").glob("*.json")}
 
     changed = write_recipe(tmp_path, tiny_model_dir, quantize={"bits": 4, "group_size": 32, "salient": 4})
