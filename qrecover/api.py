@@ -21,7 +21,7 @@ from .io import REPORT, checkpoint_source, is_checkpoint, load_checkpoint, save_
 from .models import LOADING, load_for_quantization, load_pretrained
 from .nn import hold_dense_weights
 from .pipeline import layer_file, quantize_model
-from .recovery.config import NOISE_PILOT_SCALES, RecoverConfig, native_bf16
+from .recovery.config import NOISE_PILOT_SCALES, PRECISIONS, RecoverConfig
 from .recovery.data import BatchOrder, load_examples, mix, parse_sources
 from .recovery.model import (
     add_lora, add_salient_columns, finish, is_quantized, load_lora, lora_rank_for, merge_salient, recovery_summary,
@@ -33,7 +33,7 @@ from .recovery.objective import Objective
 from .recovery.teacher import Teacher
 from .recovery.trainer import mean_loss, plot_loss, process_state, train
 from .outputs import atomic_dir, check_output, write_report
-from .utils import atomic_write_json, peak_memory_mb
+from .utils import atomic_write_json, native_bf16, peak_memory_mb
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,16 +63,21 @@ def zeroshot(model, tasks=None, *, tokenizer=None, device: str = "cpu", dtype=No
 
 
 def score(model, tokenizer, texts=(), *, reference=None, seqlen: int = 2048, max_windows: int | None = None,
-          tasks=(), limit: int | None = None, per_example: bool = False, progress: bool = True) -> dict:
+          tasks=(), limit: int | None = None, per_example: bool = False, progress: bool = True,
+          precision: str = "auto") -> dict:
     """Every score of an in-memory model, the one evaluation driver of evaluate, recipes and compare:
     for each text (keyed by its label) its perplexity, or with a reference model its fidelity to that
     model (eval/fidelity.py, perplexity included), with the number of whole windows the text holds;
-    with tasks their zero-shot scores under "zeroshot"."""
+    with tasks their zero-shot scores under "zeroshot". precision: of the perplexity forwards, auto
+    (bfloat16 autocast where the hardware multiplies it, as recovery's precision: auto), fp32 or bf16."""
+    check_choice(precision, PRECISIONS, "precision")
+    device = next(model.parameters()).device
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
     results = {}
     for text in texts:
         tokens = eval_tokens(tokenizer, text)
         if reference is None:
-            result = perplexity(model, tokens, seqlen, max_windows, progress)
+            result = perplexity(model, tokens, seqlen, max_windows, progress, bf16=bf16)
         else:
             result = fidelity_of(model, reference, tokens, seqlen, max_windows, progress)
         results[source_label(text)] = result | {"windows_available": tokens.shape[1] // seqlen}
@@ -167,6 +172,7 @@ def evaluate(
     cache_weights: bool = False,
     echo: Callable[[dict], None] | None = None,
     against: str | None = None,
+    precision: str = "auto",
 ) -> dict:
     """Perplexity of a checkpoint or ordinary model on an evaluation text or, with `against`, how close
     its next-token distributions are to that model's (eval/fidelity.py). echo(result) shows it before
@@ -181,7 +187,8 @@ def evaluate(
         if tokenizer.get_vocab() != ref_tokenizer.get_vocab():
             raise QRecoverError(f"{path} and {against} have different tokenizers: their next-token distributions cannot be compared")
     label = source_label(dataset)
-    scores = score(net, tokenizer, [dataset], reference=reference, seqlen=seqlen, max_windows=max_windows, progress=progress)
+    scores = score(net, tokenizer, [dataset], reference=reference, seqlen=seqlen, max_windows=max_windows, progress=progress,
+                   precision=precision)
     result = {"model": str(path), **({"against": str(against)} if against else {}), "dataset": dataset, **scores[label]}
     if report_path is None and Path(path).is_dir():
         report_path = Path(path) / f"{'fidelity' if against else 'eval'}_{label}.json"

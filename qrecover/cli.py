@@ -159,6 +159,9 @@ def _add_eval(sub):
                    "report, for paired comparisons of two models (tools/paired_zeroshot.py)")
     p.add_argument("--cache-weights", action="store_true", help="dequantize the quantized weights once and keep "
                    "them (float32): faster, for the memory of an unquantized copy")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="perplexity forwards: auto (default) under "
+                   "bfloat16 autocast where the hardware multiplies it (CUDA, AMX, AVX512-BF16), else float32; the "
+                   "log-softmax is float32 either way")
     p.add_argument("--quiet", action="store_true", help="no progress bar (perplexity; lm-eval draws its own)")
     p.set_defaults(run=_run_eval)
 
@@ -169,7 +172,7 @@ def _run_eval(args):
     from .api import evaluate
 
     evaluate(args.path, args.dataset, args.seqlen, args.max_windows, args.device, args.dtype, args.report,
-             not args.quiet, args.cache_weights, echo=_print_json, against=args.against)
+             not args.quiet, args.cache_weights, echo=_print_json, against=args.against, precision=args.precision)
 
 
 def _run_zeroshot(args):

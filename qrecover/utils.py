@@ -58,3 +58,11 @@ def return_freed_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # another C library: nothing to trim
             pass
+
+
+def native_bf16(device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware; elsewhere autocast emulates it, slowly."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())

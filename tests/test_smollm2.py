@@ -48,6 +48,18 @@ def test_quantize_save_load_evaluate(reference, w4_checkpoint):
     assert len(layers) == 30 and all(m["error"] < 0.2 for layer in layers for m in layer["modules"])
 
 
+def test_bfloat16_perplexity_stays_within_a_tenth_of_a_percent_of_float32(reference, w4_checkpoint):
+    """The evaluation's bfloat16 autocast (precision: auto where the CPU multiplies bfloat16) on the
+    quantized model, over a slice of four 512-token windows: the full 16 windows in docs/BENCHMARKS.md."""
+    _, _, tokens, _ = reference
+    quantized, _ = w4_checkpoint
+    fp32 = perplexity(quantized, tokens, 512, max_windows=4, progress=False)
+    bf16 = perplexity(quantized, tokens, 512, max_windows=4, progress=False, bf16=True)
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["perplexity"] != fp32["perplexity"]  # it did run in bfloat16
+    assert abs(bf16["perplexity"] / fp32["perplexity"] - 1) < 1e-3
+
+
 def test_recover_saves_a_checkpoint_that_loads_and_evaluates(reference, w4_checkpoint, smollm2_dir, tmp_path):
     _, _, tokens, full = reference
     _, path = w4_checkpoint

@@ -9,6 +9,7 @@ import torch
 from ..config import check_bits, check_choice, parse_salient
 from ..errors import QRecoverError
 from ..saliency import METRICS
+from ..utils import native_bf16
 
 METHODS = ("gift", "lora", "full")
 NOISE_KINDS = ("gaussian", "uniform", "none")
@@ -19,12 +20,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NOISE_PILOT_SCALES = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
-def native_bf16(device) -> bool:
-    """Whether `device` multiplies bfloat16 in hardware; elsewhere autocast emulates it, slowly."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 @dataclass
