@@ -55,6 +55,8 @@ class Evaluation:
     max_windows: int | None = None
     tasks: list = field(default_factory=list)  # zero-shot task names, or NAME=PATH for local files
     limit: int | None = None
+    # Of the perplexity forwards (api.score): auto is bfloat16 autocast where the hardware multiplies it.
+    precision: str = "auto"
 
 
 @dataclass
@@ -234,5 +236,5 @@ def _evaluate(path: Path, recipe: Recipe, progress: bool) -> dict:
     ev = recipe.evaluate
     model, tokenizer = load(str(path), device=recipe.device or "cpu")
     scores = score(model, tokenizer, ev.perplexity, seqlen=ev.seqlen, max_windows=ev.max_windows, tasks=ev.tasks,
-                   limit=ev.limit, progress=progress)
+                   limit=ev.limit, progress=progress, precision=ev.precision)
     return {label: result if label == "zeroshot" else result["perplexity"] for label, result in scores.items()}
