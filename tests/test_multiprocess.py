@@ -54,7 +54,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch_and_resume(quan
     subprocess.run(["pkill", "-9", "-f", "--", f"--out {tmp_path / 'two'} "])
     first.wait()
     time.sleep(1)
-    assert state.is_file() and not (tmp_path / "two").exists(), "killed before its first checkpoint or after the end"
+    assert state.is_file() and not (tmp_path / "two").exists(), (
+        f"killed before its first checkpoint or after the end:\n{first.stderr.read()[-3000:]}")
     stopped_at = json.loads(state.read_text())["step"]
     assert 4 <= stopped_at < 16
     second = _launch(args, 2)

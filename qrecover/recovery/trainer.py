@@ -119,11 +119,15 @@ def process_state():
 def train(model, examples, pad_id: int, config: TrainConfig, objective, settings: dict, work_dir=None, clock=None, progress=True) -> TrainState:
     """Train the parameters of `model` that require grad to lower objective(model, batch); returns
     the final state with its loss log."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # The objective applies the autocast of config.precision itself (losses in float32).
     process_state()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="no")
+    # The buffers (packed codes, scales, indices) are the same checkpoint in every process and never
+    # change, so DDP need not broadcast them before each forward; under CPU bfloat16 autocast that
+    # broadcast fails ("Unexpected floating ScalarType in at::autocast::prioritize", torch 2.13).
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision="no", kwargs_handlers=[ddp])
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if not params:
