@@ -154,7 +154,7 @@ def main():
     parser.add_argument("--weights", default="cached", choices=("cached", "unpacked"),
                         help="frozen weights during training: kept dequantized (faster, default) or unpacked at every use; same results")
     parser.add_argument("--tasks", help="zero-shot tasks after each run, comma-separated lm-eval names or NAME=PATH "
-                        "(e.g. arc_easy=../shared/data/arc-easy-test.jsonl,piqa=../shared/data/piqa-valid.jsonl)")
+                        "(e.g. arc_easy=tests/data/arc-easy-test-100.jsonl,piqa=tests/data/piqa-valid-100.jsonl)")
     parser.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training precision of every method")
     parser.add_argument("--step-cost", type=int, metavar="N", help="only time N steps of fp32 cross-entropy and of bf16 "

@@ -6,7 +6,7 @@ questions) overstate how uncertain their difference is; the paired error counts 
 on which they disagree. Each report must come from `qrecover eval ... --per-example`:
 
     .venv/bin/qrecover eval CKPT_A --cache-weights --per-example \
-        --task-file arc_easy=../shared/data/arc-easy-test.jsonl --report a.json
+        --task-file arc_easy=tests/data/arc-easy-test-100.jsonl --report a.json
     (the same for CKPT_B into b.json)
     .venv/bin/python tools/paired_zeroshot.py a.json b.json [c.json ...] --json runs/paired.json
 
