@@ -27,7 +27,7 @@ import yaml
 from .config import QuantConfig, check_choice
 from .models import LOADING
 from .errors import QRecoverError
-from .recovery.config import RecoverConfig, TrainConfig
+from .recovery.config import PRECISIONS, RecoverConfig, TrainConfig
 from .outputs import atomic_dir, claim
 from .resume import StateFile
 from .utils import atomic_write_json, parse_size
@@ -57,6 +57,10 @@ class Evaluation:
     limit: int | None = None
     # Of the perplexity forwards (api.score): auto is bfloat16 autocast where the hardware multiplies it.
     precision: str = "auto"
+
+    def __post_init__(self):
+        # Checked when the recipe is read, not after quantization and recovery have run.
+        check_choice(self.precision, PRECISIONS, "evaluate.precision")
 
 
 @dataclass

@@ -76,6 +76,9 @@ def test_bad_recipes(tmp_path):
     bad.write_text("model: m\nout: o\nquantize: {bits: 5}\n")
     with pytest.raises(QRecoverError, match="bits = 5"):
         load_recipe(bad)
+    bad.write_text("model: m\nout: o\nevaluate: {precision: fp16}\n")
+    with pytest.raises(QRecoverError, match="evaluate.precision 'fp16' is not one of auto, fp32, bf16"):
+        load_recipe(bad)
     bad.write_text("model: [unclosed\n")
     with pytest.raises(QRecoverError, match="not valid YAML"):
         load_recipe(bad)

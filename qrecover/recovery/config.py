@@ -20,8 +20,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 NOISE_PILOT_SCALES = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
-
-
 @dataclass
 class TrainConfig:
     steps: int = 100

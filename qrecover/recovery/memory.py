@@ -119,9 +119,10 @@ def memory_plan(model, config: RecoverConfig, qconfig: QuantConfig | None = None
     saved = n_layers * tokens * act * h + per_layer if train.gradient_checkpointing else n_layers * per_layer
     # The loss: the student's float32 logits, its log-probabilities and their gradient; a live teacher's
     # logits and probabilities beside them.
-    loss = tokens * vocab * 4 * (3 + (2 if teacher_live and config.objective_for(True) != "ce" else 0))
+    distilled = teacher_live and config.objective_for(True) != "ce"
+    loss = tokens * vocab * 4 * (3 + (2 if distilled else 0))
     widest = max(s["inp"] * s["out"] for s in specs)
-    weights = sum(s["inp"] * s["out"] for s in specs)
+    weights = sum(s["inp"] * s["out"] for s in specs)  # the dense weights of every projection
     saved_weights = _saved_weight_bytes(config, bf16) * (weights // n_layers if train.gradient_checkpointing else weights)
     held = config.cache_weights and not train.scale_lr and any(s["bits"] for s in specs)
 
@@ -129,16 +130,16 @@ def memory_plan(model, config: RecoverConfig, qconfig: QuantConfig | None = None
         "packed_weights": sum(_packed_bytes(s) for s in specs),
         "other_weights": _other_bytes(model, other_dtype),
         "trainable": 16 * trained,
-        "fixed_codes": sum(s["inp"] * s["out"] for s in specs) if config.method == "gift" and train.scale_lr else 0,
+        "fixed_codes": weights if config.method == "gift" and train.scale_lr else 0,
         # --cache-weights: every frozen weight dequantized once, in float32; otherwise one at a time.
-        "dense_weight": 4 * sum(s["inp"] * s["out"] for s in specs) if held else widest * (8 + 4),
+        "dense_weight": 4 * weights if held else widest * (8 + 4),
         "activations": saved + loss,
         "saved_weights": saved_weights,
         "teacher": 0,
     }
-    if teacher_live and config.objective_for(True) != "ce":
+    if distilled:
         teacher_dtype = 2 if bf16 and on_gpu else 4
-        plan["teacher"] = sum(s["inp"] * s["out"] for s in specs) * teacher_dtype + _other_bytes(model, teacher_dtype)
+        plan["teacher"] = weights * teacher_dtype + _other_bytes(model, teacher_dtype)
     plan["total"] = sum(plan.values())
     return plan
 
